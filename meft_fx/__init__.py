@@ -1,0 +1,15 @@
+"""meft_fx: make a pretrained transformer reversible (MEFT, NeurIPS 2023) with a graph-rewriting pass.
+
+    rev = meft_fx.convert(model)                 # MEFT3 by default
+    rev(**batch).loss.backward()                 # backward rebuilds activations
+    print(meft_fx.explain(rev))
+"""
+from .config import MEFTConfig
+from .convert import convert
+from .coupling import Coupling, ReversibleStack
+from .errors import CaptureError, ConversionError, ReconstructionError
+from .explain import Explanation, explain
+
+__all__ = ["MEFTConfig", "convert", "explain", "Explanation", "ConversionError", "CaptureError",
+           "ReconstructionError", "Coupling", "ReversibleStack"]
+__version__ = "0.1.0"

@@ -1,0 +1,265 @@
+"""Two-stream reversible couplings (MEFT) and the autograd.Function that trains them.
+
+The whole method, per coupling n (λ scales stream 1, β stream 2):
+
+    forward:  y1 = λ·x1 + F(x2)              inverse:  x2 = (y2 − G(y1)) / β
+              y2 = β·x2 + G(y1)                        x1 = (y1 − F(x2)) / λ
+              (MEFT1/2 then swap the streams)
+
+Backward, from the top coupling down, fused so that F and G each run once more:
+    recompute G(y1) with grad → dy1 += Gᵀdy2 → x2 = (y2 − G(y1))/β
+    recompute F(x2) with grad → dx2 = β·dy2 + Fᵀdy1 → x1 = (y1 − F(x2))/λ,  dx1 = λ·dy1
+Forward runs under no_grad and keeps only the two top streams (+ RNG states for dropout replay).
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+
+def step(scale: float, prev, update):
+    """One stream update: scale·prev + update (scale 1 is skipped, so it is exact)."""
+    return prev + update if scale == 1.0 else prev * scale + update
+
+
+def unstep(scale: float, out, update):
+    """Invert `step`: prev = (out − update) / scale."""
+    return out - update if scale == 1.0 else (out - update) / scale
+
+
+class Coupling(nn.Module):
+    """y1 = λ·x1 + F(x2); y2 = β·x2 + G(y1); optionally swap. F and G take (stream, *their context)."""
+
+    def __init__(self, F: nn.Module, G: nn.Module, lam: float, beta: float, swap: bool,
+                 f_context: Sequence[int] = (), g_context: Sequence[int] = (), info: dict | None = None):
+        super().__init__()
+        if lam == 0 or beta == 0:
+            raise ValueError("a coupling needs non-zero λ and β to be invertible")
+        self.F, self.G = F, G
+        self.lam, self.beta, self.swap = float(lam), float(beta), bool(swap)
+        self.f_context, self.g_context = tuple(f_context), tuple(g_context)
+        self.info = dict(info or {})
+        self.__dict__["_graphs"] = {}
+
+    def f(self, x2, context):
+        return self.F(x2, *[context[i] for i in self.f_context])
+
+    def g(self, y1, context):
+        return self.G(y1, *[context[i] for i in self.g_context])
+
+    def forward(self, x1, x2, context=()):
+        y1 = step(self.lam, x1, self.f(x2, context))
+        y2 = step(self.beta, x2, self.g(y1, context))
+        return (y2, y1) if self.swap else (y1, y2)
+
+    def inverse(self, y1, y2, context=()):
+        """Reconstruct (x1, x2) from this coupling's outputs."""
+        if self.swap:
+            y1, y2 = y2, y1
+        x2 = unstep(self.beta, y2, self.g(y1, context))
+        x1 = unstep(self.lam, y1, self.f(x2, context))
+        return x1, x2
+
+    # Generated, printable programs of the same equations (F and G are call_module leaves).
+    def graph(self, which: str, num_context: int) -> fx.GraphModule:
+        """`which` = "forward" or "inverse": an fx.GraphModule (a, b, *context) -> (c, d)."""
+        key = (which, num_context)
+        if key not in self._graphs:
+            self._graphs[key] = _coupling_graph(self, which, num_context)
+        return self._graphs[key]
+
+
+def _coupling_graph(c: Coupling, which: str, n_ctx: int) -> fx.GraphModule:
+    root = nn.Module()
+    root.F, root.G = c.F, c.G
+    g = fx.Graph()
+    names = ("x1", "x2") if which == "forward" else ("y1", "y2")
+    a, b = g.placeholder(names[0]), g.placeholder(names[1])
+    ctx = [g.placeholder(f"ctx_{i}") for i in range(n_ctx)]
+
+    def lin(scale, prev, upd, inv):
+        if scale == 1.0:
+            return g.call_function(operator.sub if inv else operator.add, (prev, upd))
+        if inv:
+            return g.call_function(operator.truediv, (g.call_function(operator.sub, (prev, upd)), scale))
+        return g.call_function(operator.add, (g.call_function(operator.mul, (prev, scale)), upd))
+
+    if which == "forward":
+        f = g.call_module("F", (b, *[ctx[i] for i in c.f_context]))
+        y1 = lin(c.lam, a, f, False)
+        gg = g.call_module("G", (y1, *[ctx[i] for i in c.g_context]))
+        y2 = lin(c.beta, b, gg, False)
+        g.output((y2, y1) if c.swap else (y1, y2))
+    elif which == "inverse":
+        y1, y2 = (b, a) if c.swap else (a, b)
+        gg = g.call_module("G", (y1, *[ctx[i] for i in c.g_context]))
+        x2 = lin(c.beta, y2, gg, True)
+        f = g.call_module("F", (x2, *[ctx[i] for i in c.f_context]))
+        x1 = lin(c.lam, y1, f, True)
+        g.output((x1, x2))
+    else:
+        raise ValueError(f"which={which!r}: expected 'forward' or 'inverse'")
+    for n in g.nodes:
+        n.meta["meft_pass"] = "codegen"
+    g.lint()
+    return fx.GraphModule(root, g, class_name=f"Coupling{which.capitalize()}")
+
+
+# ----------------------------------------------------------------------------- RNG / autocast replay
+
+class _RNG:
+    """Generator state at one point of the forward, replayed without touching the global RNG."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.accel is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.set_rng_state(self.cpu)
+            if self.accel is not None:
+                torch.cuda.set_rng_state(self.accel, self.device)
+            yield
+
+
+def _autocast_state(device_type: str):
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+# ----------------------------------------------------------------------------- the stack
+
+class ReversibleStack(nn.Module):
+    """A chain of couplings fed by one stream: h1 = h2 = x at the bottom.
+
+    Called as `stack(x, *context)`; returns one stream (see `out_index`) or the mean of both.
+    With `reversible=True` and grad enabled, the backward rebuilds activations (nothing cached).
+    """
+
+    def __init__(self, couplings: Sequence[Coupling], num_context: int, out_index, reversible: bool = True,
+                 has_random: bool = True, info: dict | None = None):
+        super().__init__()
+        self.couplings = nn.ModuleList(couplings)
+        self.num_context = int(num_context)
+        self.out_index = out_index  # 0, 1 or "mean"
+        self.reversible = bool(reversible)
+        self.has_random = bool(has_random)
+        self.info = dict(info or {})
+
+    def select(self, h1, h2):
+        if self.out_index == "mean":
+            return (h1 + h2) * 0.5
+        return h2 if self.out_index == 1 else h1
+
+    def forward(self, x, *context):
+        if self.reversible and torch.is_grad_enabled():
+            params = [p for p in self.parameters() if p.requires_grad]
+            if params or x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in context):
+                return _ReversibleFunction.apply(self, len(context), x, *context, *params)
+        h1 = h2 = x
+        for c in self.couplings:
+            h1, h2 = c(h1, h2, context)
+        return self.select(h1, h2)
+
+
+def _half_backward(fn, args, scale, inp, out, d_out, rng, autocast):
+    """One half of a coupling: `out = scale·prev + fn(inp, *args)`.
+
+    Recompute fn(inp) with grad (same dropout masks, same autocast), backprop `d_out` into it, and
+    rebuild `prev`. Returns (prev, d_inp, {param: grad}, [grad per arg]).
+    """
+    params = [p for p in fn.parameters() if p.requires_grad]
+    grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    replay = rng.replay() if rng is not None else contextlib.nullcontext()
+    with torch.enable_grad(), replay, torch.autocast(inp.device.type, dtype=autocast[1], enabled=autocast[0]):
+        u = inp.detach().requires_grad_(True)
+        r = fn(u, *args)
+    grads = torch.autograd.grad(r, [u, *params, *[args[i] for i in grad_args]], d_out.to(r.dtype), allow_unused=True)
+    prev = unstep(scale, out, r.detach().to(out.dtype))
+    d_inp = grads[0]
+    pgrads = dict(zip(params, grads[1:1 + len(params)]))
+    agrads = [None] * len(args)
+    for i, gr in zip(grad_args, grads[1 + len(params):]):
+        agrads[i] = gr
+    return prev, d_inp, pgrads, agrads
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """forward: run the couplings without grad and keep only the top streams.
+
+    Inputs are (stack, number of context values, x, *context, *trainable parameters); the
+    parameters are inputs so that backward runs even when nothing upstream requires grad.
+    """
+
+    @staticmethod
+    def forward(fctx, stack, n_ctx, x, *rest):
+        context, params = rest[:n_ctx], rest[n_ctx:]
+        record_rng = stack.training and stack.has_random
+        fctx.autocast = _autocast_state(x.device.type)
+        states = []
+        h1 = h2 = x
+        for c in stack.couplings:
+            rf = _RNG(x.device) if record_rng else None
+            y1 = step(c.lam, h1, c.f(h2, context))
+            rg = _RNG(x.device) if record_rng else None
+            y2 = step(c.beta, h2, c.g(y1, context))
+            h1, h2 = (y2, y1) if c.swap else (y1, y2)
+            states.append((rf, rg))
+        fctx.stack, fctx.states, fctx.n_ctx, fctx.params = stack, states, n_ctx, params
+        tensor_pos = [i for i, v in enumerate(context) if isinstance(v, torch.Tensor)]
+        fctx.tensor_pos = tensor_pos
+        fctx.other_context = {i: v for i, v in enumerate(context) if not isinstance(v, torch.Tensor)}
+        fctx.save_for_backward(h1, h2, *[context[i] for i in tensor_pos])
+        return stack.select(h1, h2)
+
+    @staticmethod
+    def backward(fctx, d_out):
+        stack = fctx.stack
+        h1, h2, *tctx = fctx.saved_tensors
+        context = [None] * fctx.n_ctx
+        for i, v in fctx.other_context.items():
+            context[i] = v
+        for i, t in zip(fctx.tensor_pos, tctx):
+            context[i] = t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+        ctx_grads = [None] * fctx.n_ctx
+        param_grads = {}
+        if stack.out_index == "mean":
+            dy1 = dy2 = d_out * 0.5
+        elif stack.out_index == 1:
+            dy1, dy2 = torch.zeros_like(d_out), d_out
+        else:
+            dy1, dy2 = d_out, torch.zeros_like(d_out)
+
+        def accumulate(pg, ag, idx):
+            for p, gr in pg.items():
+                if gr is not None:
+                    param_grads[p] = gr if p not in param_grads else param_grads[p] + gr
+            for j, gr in zip(idx, ag):
+                if gr is not None:
+                    ctx_grads[j] = gr if ctx_grads[j] is None else ctx_grads[j] + gr
+
+        for c, (rf, rg) in zip(reversed(stack.couplings), reversed(fctx.states)):
+            if c.swap:
+                h1, h2, dy1, dy2 = h2, h1, dy2, dy1
+            g_args = [context[i] for i in c.g_context]
+            x2, d_y1, pg, ag = _half_backward(c.G, g_args, c.beta, h1, h2, dy2, rg, fctx.autocast)
+            if d_y1 is not None:
+                dy1 = dy1 + d_y1
+            accumulate(pg, ag, c.g_context)
+            f_args = [context[i] for i in c.f_context]
+            x1, d_x2, pg, ag = _half_backward(c.F, f_args, c.lam, x2, h1, dy1, rf, fctx.autocast)
+            accumulate(pg, ag, c.f_context)
+            dx2 = step(c.beta, dy2, d_x2) if d_x2 is not None else (dy2 if c.beta == 1.0 else dy2 * c.beta)
+            dx1 = dy1 if c.lam == 1.0 else dy1 * c.lam
+            h1, h2, dy1, dy2 = x1, x2, dx1, dx2
+        dx = dy1 + dy2
+        return (None, None, dx, *ctx_grads, *[param_grads.get(p) for p in fctx.params])
