@@ -74,6 +74,16 @@ class ConvertedModule(nn.Module):
         self.__dict__["_config"] = config
         self.__dict__["_adapters"] = adapters
 
+    def __getattr__(self, name: str):
+        # Attributes of the original module (embeddings, config, helper methods) stay reachable.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
     @property
     def variants(self) -> int:
         """How many call structures have been captured."""

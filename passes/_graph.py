@@ -228,6 +228,19 @@ def common_module(nodes: Iterable[fx.Node]) -> str:
     return common[-1] if common else ""
 
 
+def module_parts(nodes: Iterable[fx.Node], module: str) -> tuple:
+    """Child modules of `module` that the nodes come from, in order of first appearance."""
+    parts = []
+    depth = len(module.split(".")) if module else 0
+    for n in nodes:
+        for p in module_paths(n):
+            if (not module or p.startswith(module + ".")) and len(p.split(".")) == depth + 1:
+                child = p.split(".")[-1]
+                if child not in parts:
+                    parts.append(child)
+    return tuple(parts)
+
+
 def describe(node: fx.Node) -> str:
     try:
         return node.format_node()

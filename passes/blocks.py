@@ -11,13 +11,22 @@ from dataclasses import dataclass, field
 class ResidualUnit:
     """One sub-block `out = norm?(start + branch(start))` on the residual stream."""
 
-    start: str           # stream node entering the unit
+    start: str           # the node that fans out into skip and branch
     add: str             # the residual add
     end: str             # stream node leaving the unit (the add, or a trailing post-norm)
     branch_out: str      # the add's operand that is not the skip
     kind: str            # "attention" (mixes positions) or "ffn" (position-wise)
     module: str          # source module path shared by the branch's nodes ("" when unknown)
     size: int = 0        # number of nodes in the unit
+    parts: tuple = ()    # child modules of `module` the branch runs through, in order
+    entry: str = ""      # stream state entering the unit (start, or a node before a reshape to start)
+
+    def label(self, within: str = "") -> str:
+        """`module`, spelled out with its parts when it is the whole layer `within` (pre-norm blocks)."""
+        if self.module == within and self.parts:
+            parts = self.parts[0] if len(self.parts) == 1 else "{" + ",".join(self.parts) + "}"
+            return f"{self.module}.{parts}" if self.module else parts
+        return self.module
 
 
 @dataclass
@@ -28,7 +37,8 @@ class Layer:
 
     @property
     def start(self) -> str:
-        return self.units[0].start
+        """The stream state entering the layer."""
+        return self.units[0].entry or self.units[0].start
 
     @property
     def end(self) -> str:
@@ -63,7 +73,7 @@ class Stack:
 
     @property
     def start(self) -> str:
-        return self.layers[0].start if self.layers else self.units[0].start
+        return self.layers[0].start if self.layers else (self.units[0].entry or self.units[0].start)
 
     @property
     def end(self) -> str:

@@ -84,10 +84,10 @@ def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
             return AdapterOnly(registry[key])
 
         for li, layer in enumerate(stack.layers):
-            blocks = [(u.module, u.kind) for u in layer.units]
+            blocks = [(u.label(layer.module), u.kind) for u in layer.units]
             if config.method == "meft3":
                 F, fi = cut(layer.start, layer.attention[-1].end, f"Layer{li}Attention")
-                G, gi = cut(layer.ffn.start, layer.ffn.end, f"Layer{li}FFN")
+                G, gi = cut(layer.ffn.entry or layer.ffn.start, layer.ffn.end, f"Layer{li}FFN")
                 f_blocks, g_blocks = blocks[:-1], blocks[-1:]
             elif config.method == "meft1":
                 F, fi = cut(layer.start, layer.end, f"Layer{li}")

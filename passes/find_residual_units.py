@@ -12,7 +12,7 @@ from __future__ import annotations
 import networkx as nx
 import torch.fx as fx
 
-from ._graph import common_module, data_dag, describe, is_add, is_attention, output_node, region, topo
+from ._graph import common_module, data_dag, describe, is_add, is_attention, module_parts, output_node, region, tensor_shape, topo
 from .blocks import ResidualUnit, Stack, StreamAnalysis
 
 PASS = "find_residual_units"
@@ -51,8 +51,9 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
             continue
         body = region(dag, s, e)
         kind = "attention" if any(is_attention(gm, n) for n in body) else "ffn"
+        module = common_module(body - {e})
         units.append(ResidualUnit(start=s.name, add=e.name, end=e.name, branch_out=other.name, kind=kind,
-                                  module=common_module(body - {e}), size=len(body)))
+                                  module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module)))
     if not units:
         rejected.append(
             f"no residual connection found: none of the {fanouts} values used more than once is re-joined "
@@ -86,22 +87,37 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
         if nxt is not None:
             links[u.start] = nxt
     targets = {v.start for v, _, _ in links.values()}
+    def path(a, b):
+        """Post-dominator chain from a to b, both included."""
+        p = [a]
+        while p[-1] is not b:
+            p.append(ipdom[p[-1]])
+        return p
+
     stacks = []
     for u in units:
         if u.start in targets:
             continue  # not the head of a chain
+        canon = _shape_key(nodes[u.start])
+        u.entry = u.start
         chain, glue_sigs = [u], []
         while chain[-1].start in links:
-            v, glue, _ = links[chain[-1].start]
-            chain[-1].end = v.start
-            glue_sigs.append((_signature(gm, glue), _ipdom_steps(links[chain[-1].start])))
-            if v in chain:
+            cur = chain[-1]
+            v, glue, steps = links[cur.start]
+            # The state between two units is the last node on the way with the stream's shape
+            # (reshapes such as OPT's flattening for the FFN go with the unit that needs them).
+            boundary = [p for p in path(nodes[cur.add], nodes[v.start]) if _shape_key(p) == canon]
+            if not boundary or v in chain:
                 break
+            cur.end = v.entry = boundary[-1].name
+            glue_sigs.append((cur.kind, _signature(gm, glue), steps))
             chain.append(v)
         last = chain[-1]
-        # A trailing post-norm belongs to the last unit when the glue between units has the same shape.
-        if glue_sigs and glue_sigs[-1][0]:
-            sig, steps = glue_sigs[-1]
+        # A trailing post-norm belongs to the last unit when the glue after the previous unit of the
+        # same kind is the same (post-norm: a norm after every unit; pre-norm: nothing between units).
+        same = [(sig, steps) for kind, sig, steps in glue_sigs if kind == last.kind]
+        if same and same[-1][0]:
+            sig, steps = same[-1]
             n = nodes[last.add]
             for _ in range(steps):
                 n = ipdom.get(n)
@@ -110,12 +126,20 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
             if n is not None and n is not out:
                 glue = region(dag, nodes[last.add], n) - {nodes[last.add]}
                 if _signature(gm, glue) == sig and not any(g in unit_nodes for g in glue):
-                    last.end = n.name
+                    canonical = [p for p in path(nodes[last.add], n) if _shape_key(p) == canon]
+                    if canonical:
+                        last.end = canonical[-1].name
+        while _shape_key(nodes[last.end]) != canon and len(chain) > 1:
+            rejected.append(f"residual unit at {last.add} ends in a value of another shape than the stream; not rewritten")
+            chain.pop()
+            last = chain[-1]
+        if _shape_key(nodes[last.end]) != canon:
+            continue
         for c in chain:
-            c.size = len(region(dag, nodes[c.start], nodes[c.end]))
+            c.size = len(region(dag, nodes[c.entry], nodes[c.end]))
         all_nodes = set()
         for c in chain:
-            all_nodes |= region(dag, nodes[c.start], nodes[c.end])
+            all_nodes |= region(dag, nodes[c.entry], nodes[c.end])
         stacks.append(Stack(units=chain, owner=common_module(all_nodes)))
     stacks.sort(key=lambda st: order[nodes[st.units[0].start]])
     # Nested units (inside another unit's branch) are not on any stream.
@@ -126,5 +150,6 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
     return StreamAnalysis(stacks=stacks, rejected=rejected)
 
 
-def _ipdom_steps(link) -> int:
-    return link[2]
+def _shape_key(node) -> tuple | None:
+    shape = tensor_shape(node)
+    return None if shape is None else tuple(str(d) for d in shape)
