@@ -1,0 +1,578 @@
+"""Fixed-point primitives for the exact (bit-reversible) coupling.
+
+A MEFT coupling is
+
+    y1 = λ·x1 + F(x2)
+    y2 = β·x2 + G(y1)          with λ = 2^-k1, β = 2^-k2  (k = 0: no scaling)
+
+In float arithmetic its inverse divides by λ and β, which amplifies rounding error by
+2^k per layer and compounds with depth (DESIGN.md §2).  Here the two streams are instead kept
+in **fixed point**: int64 tensors ``q`` with ``frac_bits`` fractional bits, standing for the
+value ``q · 2^-frac_bits``.
+
+* F and G are evaluated in the model's float dtype on the *dequantized* stream, and their
+  outputs are quantized (round to nearest) back to int64.  F and G must be deterministic: the
+  inverse evaluates them again on exactly the same input bits and needs exactly the same
+  output bits.
+* Multiplying a stream by 2^-k is an arithmetic right shift, which drops the k low bits; those
+  bits are returned (packed, k bits per element) so that the inverse can put them back.
+* Integer addition and subtraction lose nothing (int64 add/sub is exact, and even a
+  wraparound would be undone by the matching subtraction).
+
+Hence :func:`coupling_inverse` reproduces the inputs of :func:`coupling_forward` bit for bit,
+at any depth and in any dtype, at a memory cost of k1 + k2 bits per element per coupling.
+
+Nothing in this module depends on the rest of the package; everything is a pure function of
+tensors.  Autograd is the caller's business: quantization is not differentiable (the runtime
+treats it as identity, straight-through), so these functions are normally called under
+``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "DEFAULT_FRAC_BITS",
+    "MAX_FRAC_BITS",
+    "MAX_SHIFT",
+    "quantize",
+    "dequantize",
+    "shift_down",
+    "shift_up",
+    "pack_bits",
+    "unpack_bits",
+    "checksum",
+    "coupling_forward",
+    "coupling_inverse",
+]
+
+#: Default number of fractional bits of the fixed-point streams (value = q · 2^-32).
+#:
+#: Why 32:
+#:
+#: * **Range.**  int64 holds |q| < 2^63, so values up to 2^31 ≈ 2.1e9 in magnitude: about
+#:   2000× headroom over the ~1e6 that transformer activations (including outlier features)
+#:   can reach, and room for ``λ·x1 + F(x2)`` to add two such values without overflow.
+#: * **Resolution.**  2^-32 ≈ 2.3e-10.  That is finer than the fp32 ulp for every |x| ≥ 2^-9
+#:   (≈ 0.002) and finer than the bf16/fp16 ulp for any normal value at activation scales, so
+#:   at typical scales (~1, fp32 ulp 1.2e-7) quantizing F's output loses nothing visible —
+#:   the stream is as accurate as the float computation it replaces.
+#: * **Exact dequantization.**  q converts to float64 exactly while |q| < 2^53, i.e. for
+#:   |value| < 2^21 ≈ 2.1e6, so dequantize is exact over the whole activation range.
+#:
+#: Exactness of the *inverse* does not depend on this choice at all (any frac_bits gives a
+#: bit-exact reconstruction); it only sets how close the fixed-point forward is to float.
+DEFAULT_FRAC_BITS: int = 32
+
+#: Largest accepted ``frac_bits``.  int64 has 63 magnitude bits; at 62 fractional bits only
+#: |value| < 2 is representable, so larger values make no sense.
+MAX_FRAC_BITS: int = 62
+
+#: Largest accepted shift ``k`` (λ = 2^-k).  Realistic values are 0..16.
+MAX_SHIFT: int = 62
+
+_TWO63 = float(2 ** 63)
+
+
+# ----------------------------------------------------------------------------------- checks
+def _as_int(value, name: str, lo: int, hi: int) -> int:
+    """Return ``value`` as a Python int in [lo, hi], else raise ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], "
+                         f"got {type(value).__name__} {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _check_frac_bits(frac_bits) -> int:
+    return _as_int(frac_bits, "frac_bits", 0, MAX_FRAC_BITS)
+
+
+def _check_k(k, name: str = "k") -> int:
+    return _as_int(k, name, 0, MAX_SHIFT)
+
+
+def _check_int64(q, name: str) -> None:
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of dtype int64, got {type(q).__name__}")
+    if q.dtype != torch.int64:
+        raise ValueError(f"{name} must have dtype torch.int64 (a fixed-point stream), got {q.dtype}")
+
+
+# ------------------------------------------------------------------------ quantize / dequantize
+def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """Convert a float tensor to int64 fixed point: ``round(x · 2^frac_bits)``.
+
+    Accepts any floating dtype (float64, float32, bfloat16, float16).  The computation is
+    done in float64, where scaling by a power of two is exact (every fp32/bf16/fp16 value
+    converts to float64 exactly), followed by round to nearest (ties to even): the result is
+    the fixed-point value nearest to ``x``, off by at most 2^-(frac_bits+1).
+
+    Raises:
+        ValueError: ``x`` is not a floating tensor; ``frac_bits`` is not in
+            [0, MAX_FRAC_BITS]; ``x`` contains NaN or ±inf (the count is reported); or a
+            value does not fit in int64 after scaling (|x| ≥ 2^(63 - frac_bits)).
+    """
+    frac_bits = _check_frac_bits(frac_bits)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize expects a floating-point tensor, got dtype {x.dtype} "
+                         "(is it already quantized?)")
+    x64 = x.detach().to(torch.float64)
+    finite = torch.isfinite(x64)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"quantize: {bad} of {x64.numel()} values are not finite (NaN or inf); "
+                         "fixed point cannot represent them (did F or G overflow in "
+                         f"{x.dtype}?)")
+    scaled = torch.round(x64 * (2.0 ** frac_bits))  # power-of-two scaling: exact
+    # Representable int64 range is [-2^63, 2^63 - 1]; rounded float64 values are integers,
+    # so "< 2^63" and ">= -2^63" are exactly the right bounds.
+    over = (scaled >= _TWO63) | (scaled < -_TWO63)
+    if bool(over.any()):
+        n_over = int(over.sum())
+        worst = float(x64.abs().max())
+        limit = 2.0 ** (63 - frac_bits)
+        raise ValueError(f"quantize: {n_over} values overflow int64 with frac_bits={frac_bits} "
+                         f"(max |x| = {worst:.6g}, representable |x| < {limit:.6g}); "
+                         "use fewer fractional bits")
+    return scaled.to(torch.int64)
+
+
+def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Convert an int64 fixed-point tensor to floats of ``dtype``: ``q · 2^-frac_bits``.
+
+    Goes through float64 (exact while |q| < 2^53), then rounds once to ``dtype``.
+
+    Raises:
+        ValueError: ``q`` is not int64, ``frac_bits`` out of range, or ``dtype`` is not a
+            floating dtype.
+    """
+    frac_bits = _check_frac_bits(frac_bits)
+    _check_int64(q, "q")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dequantize: dtype must be a floating torch.dtype, got {dtype!r}")
+    x64 = q.to(torch.float64) * (2.0 ** -frac_bits)  # power-of-two scaling: exact
+    return x64 if dtype == torch.float64 else x64.to(dtype)
+
+
+# ------------------------------------------------------------------------------- bit packing
+def _unpacked_dtype(k: int) -> torch.dtype:
+    """Smallest dtype that stores a k-bit unsigned value per element."""
+    if k <= 8:
+        return torch.uint8
+    if k <= 15:
+        return torch.int16
+    if k <= 31:
+        return torch.int32
+    return torch.int64
+
+
+def _packed_nbytes(numel: int, k: int) -> int:
+    return (numel * k + 7) // 8
+
+
+def _pack_rows(v8: torch.Tensor, r: int) -> torch.Tensor:
+    """Pack an (8, m) uint8 tensor of r-bit values (1 ≤ r ≤ 7) into (r, m) uint8.
+
+    Column c holds 8 values v8[0, c] .. v8[7, c]; they form the 8r-bit word
+    ``sum_j v8[j, c] << (j·r)``, whose byte i is stored in out[i, c].  All operations are on
+    contiguous rows, which is what makes this fast.
+    """
+    m = v8.shape[1]
+    out = torch.zeros((r, m), dtype=torch.uint8, device=v8.device)
+    for j in range(8):
+        i, off = divmod(j * r, 8)
+        row = v8[j]
+        out[i] |= (row << off) if off else row        # uint8 shift drops the spilled bits...
+        if off + r > 8:
+            out[i + 1] |= row >> (8 - off)            # ...which go to the next byte
+    return out
+
+
+def _unpack_rows(b: torch.Tensor, r: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows`: (r, m) uint8 -> (8, m) uint8."""
+    m = b.shape[1]
+    vals = torch.empty((8, m), dtype=torch.uint8, device=b.device)
+    mask = (1 << r) - 1
+    for j in range(8):
+        i, off = divmod(j * r, 8)
+        x = (b[i] >> off) if off else b[i]
+        if off + r > 8:
+            x = x | (b[i + 1] << (8 - off))
+        vals[j] = (x & mask) if off + r != 8 else x
+    return vals
+
+
+def _pack_unchecked(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Pack flat int64 values in [0, 2^k), 1 ≤ k ≤ MAX_SHIFT, into ceil(n·k/8) bytes.
+
+    No validation.  Layout, with k = 8·a + r (0 ≤ r < 8), n = 8·m + t (0 ≤ t < 8):
+
+    * the r low bits of every value (only if r > 0):
+      - r·m bytes for the first 8·m values, viewed as an (8, m) array (row j = values
+        j·m .. j·m + m - 1): column c's eight values make the 8r-bit little-endian word
+        whose byte i is byte i·m + c;
+      - ceil(t·r/8) bytes for the t last values: a little-endian bit stream (value s in
+        bits [s·r, (s+1)·r));
+    * then, for each of the a remaining whole bytes (least significant first), n bytes:
+      byte i of value s at offset i·n + s.
+
+    Total: r·m + ceil(t·r/8) + a·n = ceil(n·k/8) bytes, the minimum.
+    """
+    n = v.numel()
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=v.device)
+    a, r = divmod(k, 8)
+    m, t = divmod(n, 8)
+    parts = []
+    if r:
+        low = (v & ((1 << r) - 1)) if a else v
+        low8 = low.to(torch.uint8)
+        if m:
+            parts.append(_pack_rows(low8[: 8 * m].view(8, m), r).view(-1))
+        if t:
+            tail = torch.cat([low8[8 * m:], low8.new_zeros(8 - t)]).view(8, 1)
+            parts.append(_pack_rows(tail, r).view(-1)[: _packed_nbytes(t, r)])
+    if a:
+        hi = torch.empty((a, n), dtype=torch.uint8, device=v.device)
+        for i in range(a):
+            hi[i] = (v >> (r + 8 * i)) & 0xFF
+        parts.append(hi.view(-1))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts)
+
+
+def _unpack_unchecked(packed: torch.Tensor, k: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_unchecked` (no validation); returns flat int64."""
+    n = numel
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=packed.device)
+    a, r = divmod(k, 8)
+    m, t = divmod(n, 8)
+    n_low = _packed_nbytes(n, r)
+    v = None
+    if r:
+        pieces = []
+        if m:
+            pieces.append(_unpack_rows(packed[: r * m].view(r, m), r).view(-1))
+        if t:
+            tb = packed[r * m: n_low]
+            tb = torch.cat([tb, tb.new_zeros(r - tb.numel())]).view(r, 1)
+            pieces.append(_unpack_rows(tb, r).view(-1)[:t])
+        v = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(torch.int64)
+    if a:
+        hi = packed[n_low:].view(a, n)
+        for i in range(a):
+            term = hi[i].to(torch.int64) << (r + 8 * i)
+            v = term if v is None else (v | term)
+    return v
+
+
+def pack_bits(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Pack integers in [0, 2^k) into a flat uint8 tensor of ceil(numel·k/8) bytes.
+
+    ``values`` may have any shape and any integer dtype; it is read in row-major order.
+    ``k = 0`` gives an empty tensor.  See :func:`unpack_bits` for the inverse.  The byte
+    layout (documented in ``_pack_unchecked``) is chosen so that packing works on
+    contiguous rows only: groups of 8 values spaced numel/8 apart share k bytes.
+
+    Raises:
+        ValueError: ``k`` not in [0, MAX_SHIFT], ``values`` not an integer tensor, or a
+            value outside [0, 2^k).
+    """
+    k = _check_k(k)
+    if not isinstance(values, torch.Tensor):
+        raise ValueError(f"pack_bits expects a torch.Tensor, got {type(values).__name__}")
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(f"pack_bits expects an integer tensor, got dtype {values.dtype}")
+    v = values.reshape(-1).to(torch.int64)
+    if k == 0:
+        if v.numel() and bool((v != 0).any()):
+            raise ValueError("pack_bits with k=0: all values must be 0")
+        return torch.empty(0, dtype=torch.uint8, device=values.device)
+    if v.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=values.device)
+    lo, hi = (int(t) for t in torch.aminmax(v))
+    if lo < 0 or hi >= (1 << k):
+        raise ValueError(f"pack_bits: values must lie in [0, 2^{k}) = [0, {1 << k}), "
+                         f"got range [{lo}, {hi}]")
+    return _pack_unchecked(v, k)
+
+
+def unpack_bits(packed: torch.Tensor, k: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: return the ``numel`` values as a flat int64 tensor.
+
+    Raises:
+        ValueError: ``k`` out of range, ``numel`` negative, ``packed`` not a 1-D uint8
+            tensor, or its length is not ceil(numel·k/8).
+    """
+    k = _check_k(k)
+    numel = _as_int(numel, "numel", 0, 2 ** 62)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        desc = f"{packed.dtype} of shape {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) \
+            else type(packed).__name__
+        raise ValueError(f"unpack_bits expects a 1-D uint8 tensor, got {desc}")
+    expected = _packed_nbytes(numel, k)
+    if packed.numel() != expected:
+        raise ValueError(f"unpack_bits: {numel} values of {k} bits need {expected} bytes, "
+                         f"got {packed.numel()}")
+    if k == 0 or numel == 0:
+        return torch.zeros(numel, dtype=torch.int64, device=packed.device)
+    return _unpack_unchecked(packed.contiguous(), k, numel)
+
+
+# ------------------------------------------------------------------------------------ shifts
+def shift_down(q: torch.Tensor, k: int, *, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiply an int64 fixed-point tensor by 2^-k exactly, keeping the dropped bits.
+
+    Returns ``(q >> k, remainder)`` where ``q >> k`` is the arithmetic (floor) shift and the
+    remainder holds the k low bits of each element (in [0, 2^k), two's complement, so
+    negatives work): ``(q >> k) · 2^k + remainder == q``.
+
+    With ``packed=True`` (default) the remainder is a flat uint8 tensor of ceil(numel·k/8)
+    bytes (:func:`pack_bits`), the information-theoretic minimum.  With ``packed=False`` it
+    has ``q``'s shape and the smallest dtype holding k bits (uint8 for k ≤ 8, then int16,
+    int32, int64).  ``k = 0`` returns ``(q, empty uint8 tensor)`` (``q`` itself, not a copy).
+
+    Raises:
+        ValueError: ``q`` not int64 or ``k`` not in [0, MAX_SHIFT].
+    """
+    k = _check_k(k)
+    _check_int64(q, "q")
+    if k == 0:
+        return q, torch.empty(0, dtype=torch.uint8, device=q.device)
+    shifted = q >> k
+    rem = q & ((1 << k) - 1)
+    if packed:
+        return shifted, _pack_unchecked(rem.reshape(-1), k)
+    return shifted, rem.to(_unpacked_dtype(k))
+
+
+def shift_up(q_shifted: torch.Tensor, packed_remainder: torch.Tensor, k: int, *,
+             packed: bool = True) -> torch.Tensor:
+    """Exact inverse of :func:`shift_down`: ``q_shifted · 2^k + remainder``, bit for bit.
+
+    ``packed`` must match the value given to :func:`shift_down`.  ``k = 0`` returns
+    ``q_shifted`` itself.
+
+    Raises:
+        ValueError: ``q_shifted`` not int64, ``k`` out of range, the remainder has the
+            wrong dtype/size for (numel, k, packed), or (unpacked) holds values outside
+            [0, 2^k).
+        RuntimeError: ``q_shifted · 2^k`` overflows int64 (the input did not come from
+            :func:`shift_down`).
+    """
+    k = _check_k(k)
+    _check_int64(q_shifted, "q_shifted")
+    if not isinstance(packed_remainder, torch.Tensor):
+        raise ValueError(f"shift_up: remainder must be a torch.Tensor, got {type(packed_remainder).__name__}")
+    if k == 0:
+        if packed_remainder.numel() != 0:
+            raise ValueError("shift_up with k=0 expects an empty remainder, got "
+                             f"{packed_remainder.numel()} elements")
+        return q_shifted
+    n = q_shifted.numel()
+    if packed:
+        if packed_remainder.dtype != torch.uint8 or packed_remainder.dim() != 1:
+            raise ValueError("shift_up(packed=True) expects a 1-D uint8 remainder, got "
+                             f"{packed_remainder.dtype} of shape {tuple(packed_remainder.shape)} "
+                             "(was shift_down called with packed=False?)")
+        if packed_remainder.numel() != _packed_nbytes(n, k):
+            raise ValueError(f"shift_up: remainder of {n} values x {k} bits must have "
+                             f"{_packed_nbytes(n, k)} bytes, got {packed_remainder.numel()} (was shift_down "
+                             "called with packed=False?)")
+        rem = _unpack_unchecked(packed_remainder.contiguous(), k, n).view(q_shifted.shape)
+    else:
+        if packed_remainder.is_floating_point() or packed_remainder.dtype == torch.bool:
+            raise ValueError(f"shift_up(packed=False) expects an integer remainder, got "
+                             f"{packed_remainder.dtype}")
+        if packed_remainder.shape != q_shifted.shape:
+            raise ValueError(f"shift_up(packed=False): remainder shape {tuple(packed_remainder.shape)} "
+                             f"!= q_shifted shape {tuple(q_shifted.shape)} (was shift_down called "
+                             "with packed=True?)")
+        rem = packed_remainder.to(torch.int64)
+        if n:
+            lo, hi = torch.aminmax(rem)
+            if int(lo) < 0 or int(hi) >= (1 << k):
+                raise ValueError(f"shift_up: remainder values must lie in [0, 2^{k}), got range "
+                                 f"[{int(lo)}, {int(hi)}]")
+    lim = 1 << (63 - k)
+    if n and not (-lim <= int((mm := torch.aminmax(q_shifted)).min) and int(mm.max) < lim):
+        raise RuntimeError(f"shift_up: q_shifted << {k} overflows int64; q_shifted did not come "
+                           "from shift_down with the same k")
+    out = q_shifted << k
+    out |= rem
+    return out
+
+
+# ---------------------------------------------------------------------------------- checksum
+_M64 = (1 << 64) - 1
+
+
+def _s64(c: int) -> int:
+    """Reinterpret an unsigned 64-bit constant as a signed int64 Python int."""
+    c &= _M64
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+_GOLDEN = _s64(0x9E3779B97F4A7C15)
+_MIX1 = _s64(0xBF58476D1CE4E5B9)
+_MIX2 = _s64(0x94D049BB133111EB)
+
+
+def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 by s in 1..63."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finalizer on int64 (wrapping arithmetic); a bijection of 64-bit words.
+
+    May modify ``x`` in place when it is a temporary owned by the caller.
+    """
+    x = x ^ _lsr(x, 30)
+    x *= _MIX1
+    x ^= _lsr(x, 27)
+    x *= _MIX2
+    x ^= _lsr(x, 31)
+    return x
+
+
+def checksum(q: torch.Tensor) -> int:
+    """Cheap order-sensitive 64-bit checksum of an int64 tensor (returned in [0, 2^64)).
+
+    ``sum_i mix(q_i XOR key_i)`` mod 2^64 over the elements in row-major order, with
+    ``key_i = (i+1)·φ`` (φ = 0x9E3779B97F4A7C15, a Weyl sequence: distinct keys for all
+    positions) and ``mix`` the SplitMix64 finalizer, a bijection of 64-bit words; the shape is
+    folded in as well.  Properties:
+
+    * changing any single element by any nonzero amount always changes the checksum
+      (that element's term is a bijective function of its value; the other terms stay);
+    * permuting elements (e.g. swapping two) changes it except with probability ~2^-64;
+    * fully vectorised: about a dozen elementwise int64 ops (wrapping arithmetic) and one
+      sum, no Python loop over elements.
+
+    Meant for verifying reconstructions (compare the checksum of a stream saved in forward
+    with that of the stream rebuilt in backward) without keeping the stream.
+
+    Raises:
+        ValueError: ``q`` is not an int64 tensor.
+    """
+    _check_int64(q, "q")
+    flat = q.reshape(-1)
+    n = flat.numel()
+    shape_key = len(q.shape)
+    for d in q.shape:
+        shape_key = (shape_key * 1000003 + d + 1) & _M64
+    total = int(_mix64(torch.tensor([_s64(shape_key)], dtype=torch.int64))[0]) & _M64
+    if n:
+        key = torch.arange(1, n + 1, dtype=torch.int64, device=q.device)
+        key *= _GOLDEN
+        key ^= flat
+        total = (total + int(_mix64(key).sum())) & _M64
+    return total
+
+
+# ---------------------------------------------------------------------------------- coupling
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _eval_q(fn: Fn, xq: torch.Tensor, frac_bits: int, dtype: torch.dtype, name: str,
+            out_shape: torch.Size) -> torch.Tensor:
+    """quantize(fn(dequantize(xq))) with shape/type checks and a clear error context."""
+    out = fn(dequantize(xq, frac_bits, dtype))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != out_shape:
+        raise ValueError(f"{name} output shape {tuple(out.shape)} does not match the stream it is "
+                         f"added to, {tuple(out_shape)}")
+    try:
+        return quantize(out, frac_bits)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _add_checked(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+    """a + b in int64, raising RuntimeError on signed overflow."""
+    s = a + b
+    # Overflow iff a and b have the same sign and s has the other one.
+    if bool((((a ^ s) & (b ^ s)) < 0).any()):
+        raise RuntimeError(f"{what} overflows int64 fixed point; reduce frac_bits")
+    return s
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
+    _check_int64(a, na)
+    _check_int64(b, nb)
+    if a.device != b.device:
+        raise ValueError(f"{na} and {nb} are on different devices ({a.device} vs {b.device})")
+
+
+def coupling_forward(x1q: torch.Tensor, x2q: torch.Tensor, F: Fn, G: Fn, k1: int, k2: int,
+                     frac_bits: int, dtype: torch.dtype, *, packed: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact fixed-point coupling ``y1 = 2^-k1·x1 + F(x2); y2 = 2^-k2·x2 + G(y1)``.
+
+    ``x1q``, ``x2q`` are int64 streams with ``frac_bits`` fractional bits; F and G map a float
+    tensor of ``dtype`` to a float tensor of the same shape as the stream they are added to,
+    and must be deterministic.  Computes::
+
+        f = quantize(F(dequantize(x2q)));  (s1, rem1) = shift_down(x1q, k1);  y1q = s1 + f
+        g = quantize(G(dequantize(y1q)));  (s2, rem2) = shift_down(x2q, k2);  y2q = s2 + g
+
+    and returns ``(y1q, y2q, rem1, rem2)``; ``rem1``/``rem2`` (k1/k2 bits per element, packed
+    unless ``packed=False``) must be kept for :func:`coupling_inverse`.
+
+    Raises:
+        ValueError: bad argument types, ranges or shapes, or F/G output non-finite or out of
+            the fixed-point range.
+        RuntimeError: int64 overflow of a stream.
+    """
+    frac_bits = _check_frac_bits(frac_bits)
+    k1, k2 = _check_k(k1, "k1"), _check_k(k2, "k2")
+    _check_pair(x1q, x2q, "x1q", "x2q")
+    f = _eval_q(F, x2q, frac_bits, dtype, "F", x1q.shape)
+    s1, rem1 = shift_down(x1q, k1, packed=packed)
+    y1q = _add_checked(s1, f, "y1 = λ·x1 + F(x2)")
+    g = _eval_q(G, y1q, frac_bits, dtype, "G", x2q.shape)
+    s2, rem2 = shift_down(x2q, k2, packed=packed)
+    y2q = _add_checked(s2, g, "y2 = β·x2 + G(y1)")
+    return y1q, y2q, rem1, rem2
+
+
+def coupling_inverse(y1q: torch.Tensor, y2q: torch.Tensor, rem1: torch.Tensor, rem2: torch.Tensor,
+                     F: Fn, G: Fn, k1: int, k2: int, frac_bits: int, dtype: torch.dtype, *,
+                     packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit-exact inverse of :func:`coupling_forward`; returns ``(x1q, x2q)``.
+
+    Computes::
+
+        x2q = shift_up(y2q - quantize(G(dequantize(y1q))), rem2, k2)
+        x1q = shift_up(y1q - quantize(F(dequantize(x2q))), rem1, k1)
+
+    All arguments except ``y1q``, ``y2q``, ``rem1``, ``rem2`` must equal those given to the
+    forward call (same F/G, k1, k2, frac_bits, dtype, packed), and F/G must be deterministic.
+
+    Raises:
+        ValueError: bad argument types, ranges or shapes, or remainders that do not match.
+        RuntimeError: the data is inconsistent with a forward call (int64 overflow).
+    """
+    frac_bits = _check_frac_bits(frac_bits)
+    k1, k2 = _check_k(k1, "k1"), _check_k(k2, "k2")
+    _check_pair(y1q, y2q, "y1q", "y2q")
+    g = _eval_q(G, y1q, frac_bits, dtype, "G", y2q.shape)
+    x2q = shift_up(y2q - g, rem2, k2, packed=packed)
+    f = _eval_q(F, x2q, frac_bits, dtype, "F", y1q.shape)
+    x1q = shift_up(y1q - f, rem1, k1, packed=packed)
+    return x1q, x2q
