@@ -171,26 +171,38 @@ class ReversibleStack(nn.Module):
         return self.select(h1, h2)
 
 
+def _add(a, b):
+    """a + b where None stands for a gradient known to be zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def _scale(s: float, a):
+    return None if a is None else (a if s == 1.0 else a * s)
+
+
 def _half_backward(fn, args, scale, inp, out, d_out, rng, autocast):
     """One half of a coupling: `out = scale·prev + fn(inp, *args)`.
 
-    Recompute fn(inp) with grad (same dropout masks, same autocast), backprop `d_out` into it, and
-    rebuild `prev`. Returns (prev, d_inp, {param: grad}, [grad per arg]).
+    Recompute fn(inp) (same dropout masks, same autocast) and rebuild `prev`; if `d_out` is not
+    None (None = known zero), backprop it through fn. Returns (prev, d_inp, {param: grad}, [grad per arg]).
     """
+    replay = rng.replay() if rng is not None else contextlib.nullcontext()
+    if d_out is None:
+        with torch.no_grad(), replay, torch.autocast(inp.device.type, dtype=autocast[1], enabled=autocast[0]):
+            r = fn(inp, *args)
+        return unstep(scale, out, r.to(out.dtype)), None, {}, [None] * len(args)
     params = [p for p in fn.parameters() if p.requires_grad]
     grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-    replay = rng.replay() if rng is not None else contextlib.nullcontext()
     with torch.enable_grad(), replay, torch.autocast(inp.device.type, dtype=autocast[1], enabled=autocast[0]):
         u = inp.detach().requires_grad_(True)
         r = fn(u, *args)
     grads = torch.autograd.grad(r, [u, *params, *[args[i] for i in grad_args]], d_out.to(r.dtype), allow_unused=True)
     prev = unstep(scale, out, r.detach().to(out.dtype))
-    d_inp = grads[0]
     pgrads = dict(zip(params, grads[1:1 + len(params)]))
     agrads = [None] * len(args)
     for i, gr in zip(grad_args, grads[1 + len(params):]):
         agrads[i] = gr
-    return prev, d_inp, pgrads, agrads
+    return prev, grads[0], pgrads, agrads
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -235,31 +247,28 @@ class _ReversibleFunction(torch.autograd.Function):
         if stack.out_index == "mean":
             dy1 = dy2 = d_out * 0.5
         elif stack.out_index == 1:
-            dy1, dy2 = torch.zeros_like(d_out), d_out
+            dy1, dy2 = None, d_out  # None: the other stream does not reach the output
         else:
-            dy1, dy2 = d_out, torch.zeros_like(d_out)
+            dy1, dy2 = d_out, None
 
         def accumulate(pg, ag, idx):
             for p, gr in pg.items():
-                if gr is not None:
-                    param_grads[p] = gr if p not in param_grads else param_grads[p] + gr
+                param_grads[p] = _add(param_grads.get(p), gr)
             for j, gr in zip(idx, ag):
-                if gr is not None:
-                    ctx_grads[j] = gr if ctx_grads[j] is None else ctx_grads[j] + gr
+                ctx_grads[j] = _add(ctx_grads[j], gr)
 
         for c, (rf, rg) in zip(reversed(stack.couplings), reversed(fctx.states)):
             if c.swap:
                 h1, h2, dy1, dy2 = h2, h1, dy2, dy1
+            # G half: y2 = β·x2 + G(y1)  →  dy1 += Gᵀdy2, x2 = (y2 − G(y1))/β
             g_args = [context[i] for i in c.g_context]
             x2, d_y1, pg, ag = _half_backward(c.G, g_args, c.beta, h1, h2, dy2, rg, fctx.autocast)
-            if d_y1 is not None:
-                dy1 = dy1 + d_y1
+            dy1 = _add(dy1, d_y1)
             accumulate(pg, ag, c.g_context)
+            # F half: y1 = λ·x1 + F(x2)  →  dx2 = β·dy2 + Fᵀdy1, x1 = (y1 − F(x2))/λ, dx1 = λ·dy1
             f_args = [context[i] for i in c.f_context]
             x1, d_x2, pg, ag = _half_backward(c.F, f_args, c.lam, x2, h1, dy1, rf, fctx.autocast)
             accumulate(pg, ag, c.f_context)
-            dx2 = step(c.beta, dy2, d_x2) if d_x2 is not None else (dy2 if c.beta == 1.0 else dy2 * c.beta)
-            dx1 = dy1 if c.lam == 1.0 else dy1 * c.lam
-            h1, h2, dy1, dy2 = x1, x2, dx1, dx2
-        dx = dy1 + dy2
+            h1, h2, dy1, dy2 = x1, x2, _scale(c.lam, dy1), _add(_scale(c.beta, dy2), d_x2)
+        dx = _add(dy1, dy2)
         return (None, None, dx, *ctx_grads, *[param_grads.get(p) for p in fctx.params])

@@ -1,0 +1,39 @@
+import pytest
+
+from meft_fx import MEFTConfig
+
+
+def test_defaults_and_paper_scales():
+    assert MEFTConfig().method == "meft3"
+    assert MEFTConfig(method="meft1").scales == (0.1, 1.0, True)
+    assert MEFTConfig(method="meft2").scales == (1.0, 0.1, True)
+    assert MEFTConfig(method="meft3").scales == (0.1, 0.1, False)
+    assert MEFTConfig(method="meft3", lam=0.5).scales == (0.5, 0.1, False)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("method", "meft4", "'meft1', 'meft2', 'meft3'"),
+    ("numerics", "fixed", "'float', 'exact'"),
+    ("capture", "jit", "'auto', 'export', 'fx'"),
+    ("output", "h1", "'pretrained', 'mean'"),
+    ("adapter_activation", "swish", "'relu'"),
+])
+def test_bad_choice_names_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as e:
+        MEFTConfig(**{field: value})
+    assert f"MEFTConfig.{field}={value!r}" in str(e.value)
+    assert allowed in str(e.value)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lam", 0.0), ("lam", -1.0), ("lam", 2.0), ("beta", "0.1"), ("adapter_rank", 0), ("adapter_rank", 2.5),
+    ("adapter_dropout", 1.0), ("adapter_init_std", 0.0), ("reversible", "yes"),
+])
+def test_bad_numbers_raise_value_error_naming_field(field, value):
+    with pytest.raises(ValueError, match=f"MEFTConfig.{field}="):
+        MEFTConfig(**{field: value})
+
+
+def test_to_dict_round_trips():
+    cfg = MEFTConfig(method="meft1", lam=0.25, adapter_rank=4)
+    assert MEFTConfig(**cfg.to_dict()) == cfg
