@@ -1,0 +1,143 @@
+"""Measuring the activation memory and the time of one training step.
+
+    mem = measure_step_memory(lambda: model(**batch).loss.backward())
+    mem.activation_bytes      # peak of live tensor bytes during the step minus what outlives it
+
+CPU: the step runs under `torch.profiler.profile(profile_memory=True)`. Every allocation and free
+of the CPU allocator is recorded as a `[memory]` event with a signed byte count (allocations
+positive, frees negative). They are read from `prof.profiler.kineto_results.events()`
+(`event.name() == "[memory]"`, `event.nbytes()`, `event.start_ns()`, `event.device_type()`),
+sorted by start time and summed; the running maximum is the peak, the final sum what the step
+retained. (`prof.events()` is not enough: it only lists the `[memory]` events that happen outside
+any operator, the others are folded into the operators' `cpu_memory_usage`.)
+
+CUDA: `torch.cuda.reset_peak_memory_stats` and `torch.cuda.max_memory_allocated` around the step.
+
+All numbers are relative to the live bytes when the step starts, so parameters, inputs and
+gradient buffers that already exist are not counted. On CPU the allocator reports only the frees
+of blocks allocated while profiling, so freeing a tensor that existed before the step is invisible
+(it does not lower `retained_bytes`); on CUDA it does. To measure activation memory cleanly, run
+one step first so that `.grad` buffers exist, zero them in place (`zero_grad(set_to_none=False)`)
+and then measure: gradients accumulate into the existing buffers and `retained_bytes` is ~0.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["StepMemory", "measure_step_memory", "median_step_time", "memory_deltas"]
+
+MiB = 1 << 20
+
+
+@dataclass
+class StepMemory:
+    """Memory of one step, in bytes, relative to the live tensor bytes when the step started."""
+
+    peak_bytes: int        # peak of live tensor bytes during the step, relative to the start
+    retained_bytes: int    # bytes still live at the end of the step (e.g. .grad buffers), relative to the start
+    activation_bytes: int  # peak_bytes - retained_bytes  (the number we report as "activation memory")
+
+    @property
+    def activation_mib(self) -> float:
+        return self.activation_bytes / MiB
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MiB
+
+    @property
+    def retained_mib(self) -> float:
+        return self.retained_bytes / MiB
+
+
+def _device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def _from_deltas(deltas: Iterable[int]) -> StepMemory:
+    total = peak = 0
+    for d in deltas:
+        total += d
+        if total > peak:
+            peak = total
+    return StepMemory(peak_bytes=int(peak), retained_bytes=int(total), activation_bytes=int(peak - total))
+
+
+def memory_deltas(prof, device: str = "cpu") -> list[int]:
+    """Signed byte deltas of the allocator events recorded by a finished
+    `torch.profiler.profile(profile_memory=True)`, in time order (allocations positive, frees
+    negative), for one device type ("cpu" or "cuda")."""
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        raise RuntimeError("the profiler recorded no results (was it run with profile_memory=True, and has it exited?)")
+    events = []
+    try:
+        want = getattr(torch._C._autograd.DeviceType, device.upper())
+        for i, e in enumerate(results.events()):
+            if e.name() == "[memory]" and e.device_type() == want:
+                events.append((e.start_ns(), i, int(e.nbytes())))
+    except AttributeError:  # a different binding layout: walk the experimental event tree instead
+        events = []
+        stack = list(results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.name == "[memory]" and node.extra_fields.device.type == device:
+                events.append((node.start_time_ns, len(events), int(node.extra_fields.alloc_size)))
+    events.sort()
+    return [d for _, _, d in events]
+
+
+def measure_step_memory(step: Callable[[], Any], device: str | torch.device = "cpu") -> StepMemory:
+    """Run `step()` once and return its memory profile (see `StepMemory`).
+
+    The step's return value is dropped before the measurement ends, so a returned tensor does not
+    count as retained; state the step leaves behind (`.grad` buffers, tensors stored elsewhere) does.
+    `device`: "cpu" (profiler allocator events) or a CUDA device (the allocator's peak statistics).
+    """
+    dev = _device(device)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = step()
+        del out
+        torch.cuda.synchronize(dev)
+        peak = max(torch.cuda.max_memory_allocated(dev) - start, 0)
+        retained = torch.cuda.memory_allocated(dev) - start
+        return StepMemory(peak_bytes=int(peak), retained_bytes=int(retained), activation_bytes=int(peak - retained))
+    if dev.type != "cpu":
+        raise ValueError(f"measure_step_memory supports cpu and cuda devices, not {dev}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+        del out
+    return _from_deltas(memory_deltas(prof))
+
+
+def median_step_time(step: Callable[[], Any], warmup: int = 1, repeats: int = 5,
+                     device: str | torch.device | None = None) -> float:
+    """Median wall-clock seconds of `step()` over `repeats` runs after `warmup` untimed runs.
+    For a CUDA `device` the device is synchronized around each timed run."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    dev = None if device is None else _device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev is not None and dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
