@@ -56,7 +56,11 @@ def default_inputs(model) -> dict:
         if k in params:
             out[k] = v
     if "input_ids" in out and "attention_mask" in params and "attention_mask" not in out:
-        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        # Padded like a real batch: some models skip the mask when it is all ones, and a first capture
+        # without a mask would be captured again at the first padded batch.
+        mask = torch.ones_like(out["input_ids"])
+        mask[-1, -1:] = 0
+        out["attention_mask"] = mask
     if cfg is not None and getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params and "decoder_input_ids" not in out:
         ids = out["input_ids"]
         out["decoder_input_ids"] = ids[:, :-1].clone() if ids.shape[1] > 2 else ids.clone()

@@ -91,8 +91,12 @@ def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
                 f_blocks, g_blocks = blocks[:-1], blocks[-1:]
             elif config.method == "meft1":
                 F, fi = cut(layer.start, layer.end, f"Layer{li}")
-                G, gi = adapter_only(f"meft_adapter_{tag}{li}_G"), []
-                f_blocks, g_blocks = blocks, [("adapter", "adapter")]
+                if li == len(stack.layers) - 1 and config.output == "pretrained":
+                    # The top G writes the stream that is not returned: an adapter there could never train.
+                    G, gi, g_blocks = NoUpdate(), [], [("none (its stream is not the output)", "adapter")]
+                else:
+                    G, gi, g_blocks = adapter_only(f"meft_adapter_{tag}{li}_G"), [], [("adapter", "adapter")]
+                f_blocks = blocks
             else:
                 F, fi = adapter_only(f"meft_adapter_{tag}{li}_F"), []
                 G, gi = cut(layer.start, layer.end, f"Layer{li}")
@@ -106,7 +110,7 @@ def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
         gm.add_submodule(name, mod)
         with gm.graph.inserting_after(end):
             call = stamp(gm.graph.call_module(name, (start, *union)), PASS)
-        call.meta.update({k: end.meta[k] for k in ("val", "tensor_meta", "nn_module_stack") if k in end.meta})
+        call.meta.update({k: end.meta[k] for k in ("val", "tensor_meta") if k in end.meta})
         end.replace_all_uses_with(call)
         _erase(gm, stack_region, keep=call)
     gm.graph.lint()
