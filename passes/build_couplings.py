@@ -31,6 +31,13 @@ class AdapterOnly(nn.Module):
         return self.meft_adapter(x)
 
 
+class NoUpdate(nn.Module):
+    """F or G that adds nothing: MEFT1's last G, whose stream never reaches the output."""
+
+    def forward(self, x, *context):
+        return torch.zeros_like(x)
+
+
 def output_stream(method: str, swap: bool, output: str):
     """Which stream carries the pretrained chain at the top: 0 (h1), 1 (h2) or "mean"."""
     if output == "mean":
