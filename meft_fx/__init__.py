@@ -9,7 +9,10 @@ from .convert import convert
 from .coupling import Coupling, ReversibleStack
 from .errors import CaptureError, ConversionError, ReconstructionError
 from .explain import Explanation, explain
+from .draw import draw
+from .inspect import graphs, show, to_networkx
 
 __all__ = ["MEFTConfig", "convert", "explain", "Explanation", "ConversionError", "CaptureError",
            "ReconstructionError", "Coupling", "ReversibleStack"]
+__all__ += ["graphs", "show", "to_networkx", "draw"]
 __version__ = "0.1.0"

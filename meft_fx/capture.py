@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import sys
 import time
+import traceback
 
 import torch
 import torch.fx as fx
@@ -204,13 +207,31 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict, mode: str = "aut
         except Exception as e:  # noqa: BLE001 - report every tracer's failure together
             msg = str(e).strip().splitlines()
             head = msg[0] if msg else type(e).__name__
+            where = _culprit(e)
             tried.append(f"{'torch.export.export(strict=False)' if how == 'export' else 'torch.fx.symbolic_trace'} failed: "
-                         f"{type(e).__name__}: {head[:400]}")
+                         f"{type(e).__name__}: {head[:400]}" + (f"\n    at {where}" if where else ""))
     raise CaptureError(
-        f"could not trace {type(module).__name__}{spec.describe()}. What to try: pass example_inputs= that the model's "
+        f"[capture] could not trace {type(module).__name__}{spec.describe()}. What to try: pass example_inputs= that the model's "
         f"forward accepts (keyword dict or positional tuple); avoid Python control flow that depends on tensor values; "
         f"for a transformers decoder set use_cache=False; or choose MEFTConfig(capture='export'|'fx') to see one tracer's error",
         tried)
+
+
+_RAISED_AT = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _culprit(e: BaseException) -> str:
+    """`file:line in function: code` of the model's source line the tracer failed on ("" if unknown)."""
+    m = _RAISED_AT.search(str(e))
+    if m:
+        return f"{m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
+    if frames:
+        f = frames[-1]
+        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return ""
 
 
 class Progress:

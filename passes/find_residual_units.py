@@ -33,11 +33,15 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
     units: list[ResidualUnit] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     fanouts = 0
+    examples: list[str] = []   # a few fan-outs and where they reconverge, for the error message
     for s in sorted(dag.nodes, key=order.__getitem__):
         if s is out or dag.out_degree(s) < 2:
             continue
         fanouts += 1
         e = ipdom.get(s)
+        if len(examples) < 3:
+            examples.append(f"{s.name} reconverges at " + ("the output" if e is None or e is out or e is s else
+                                                           f"{e.name}{'' if is_add(e) else ' (not an add)'}"))
         if e is None or e is s or e is out:
             continue
         if not is_add(e):
@@ -47,7 +51,7 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
             continue
         other = operands[1] if operands[0] is s else operands[0]
         if not isinstance(other, fx.Node) or other not in dag or not nx.has_path(dag, s, other):
-            rejected.append(f"{describe(e)}: adds {s.name} to a value that does not depend on it (not a residual)")
+            rejected.append(f"[{PASS}] {describe(e)}: adds {s.name} to a value that does not depend on it (not a residual)")
             continue
         body = region(dag, s, e)
         kind = "attention" if any(is_attention(gm, n) for n in body) else "ffn"
@@ -55,9 +59,16 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
         units.append(ResidualUnit(start=s.name, add=e.name, end=e.name, branch_out=other.name, kind=kind,
                                   module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module)))
     if not units:
+        if fanouts:
+            seen = f" ({'; '.join(examples)}{'; ...' if fanouts > len(examples) else ''})"
+            found = f"none of the {fanouts} values used more than once{seen} is re-joined by an add of itself and a " \
+                    f"branch computed from it (x + f(x))"
+        else:
+            found = "no value is used more than once, so none can be the x of a residual x + f(x)"
         rejected.append(
-            f"no residual connection found: none of the {fanouts} values used more than once is re-joined "
-            f"by an add of itself and a branch computed from it (x + f(x)); a transformer layer has one per sub-block")
+            f"[{PASS}] no residual connection found: {found}; a transformer layer has one per sub-block. What to do: "
+            f"convert a model whose layers add their input back (x + f(x)); if yours does, make sure the add is traced "
+            f"as an add of that same tensor (not an in-place update through another reference)")
         return StreamAnalysis(stacks=[], rejected=rejected)
 
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -130,7 +141,7 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
                     if canonical:
                         last.end = canonical[-1].name
         while _shape_key(nodes[last.end]) != canon and len(chain) > 1:
-            rejected.append(f"residual unit at {last.add} ends in a value of another shape than the stream; not rewritten")
+            rejected.append(f"[{PASS}] residual unit at {last.add} ends in a value of another shape than the stream; not rewritten")
             chain.pop()
             last = chain[-1]
         if _shape_key(nodes[last.end]) != canon:
@@ -146,7 +157,7 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
     on_stream = {id(u) for st in stacks for u in st.units}
     for u in units:
         if id(u) not in on_stream:
-            rejected.append(f"residual unit at {u.add} ({u.module or '?'}) is not on a stream")
+            rejected.append(f"[{PASS}] residual unit at {u.add} ({u.module or '?'}) is not on a stream; not rewritten")
     return StreamAnalysis(stacks=stacks, rejected=rejected)
 
 
