@@ -257,15 +257,24 @@ def extract(gm: fx.GraphModule, nodes: set, stream_in: fx.Node, end: fx.Node, cl
     input of the region is a *context* placeholder; returns (module, list of context nodes in `gm`).
     """
     order = topo(gm, nodes)
-    # Sizes/flags computed from region tensors travel with the region (one pass in topological order).
+    # Sizes/flags read off region tensors travel with the region, and so does whatever is computed
+    # from them alone (e.g. a causal mask built from x.size(1) in an fx graph): such values do not
+    # depend on the stream's data, only on its shape (one pass in topological order, then pruning).
     members = set(order)
+    shape_derived: set = set()
     for n in gm.graph.nodes:
-        if n in members or is_data(n) or n.op in ("placeholder", "get_attr", "output"):
+        if n in members or n.op in ("placeholder", "get_attr", "output"):
             continue
         if n.op == "call_module" and n.target == "_guards_fn":
             continue
-        if any(a in members for a in n.all_input_nodes):
+        inside = [a for a in n.all_input_nodes if a in members]
+        if inside and (not is_data(n) or all(not is_data(a) or a in shape_derived for a in inside)):
             members.add(n)
+            shape_derived.add(n)
+    for n in reversed(list(gm.graph.nodes)):
+        if n in shape_derived and not any(u in members for u in n.users):
+            members.discard(n)
+            shape_derived.discard(n)
     order = topo(gm, members)
     context: list = []
     for n in order:

@@ -209,3 +209,19 @@ def test_non_transformers_model_needs_example_inputs():
 def test_bad_config_type():
     with pytest.raises(TypeError, match="MEFTConfig"):
         meft_fx.convert(NoBlocks(), {"method": "meft3"})
+
+
+@pytest.mark.parametrize("name", ["prenorm_custom", "postnorm_custom"])
+def test_fx_capture_of_hand_written_models(name):
+    """torch.fx.symbolic_trace path: a causal mask built from x.size() inside each layer is recomputed in F."""
+    arch = make(name, dtype=torch.float64)
+    torch.manual_seed(7)
+    rev = meft_fx.convert(arch.model, MEFTConfig(capture="fx"), example_inputs=arch.make_inputs(3, 5))
+    captured = next(iter(meft_fx.graphs(rev).values()))
+    assert "torch.fx" in captured.meta["meft_pass"]
+    assert len(meft_fx.explain(rev, estimate_memory=False).couplings) == arch.num_layers
+    ref = reference_twin(rev)
+    inputs = arch.make_inputs(4, 9)
+    _, g_rev = grads_of(rev, inputs)
+    _, g_ref = grads_of(ref, inputs)
+    assert_same_grads(g_rev, g_ref, 1e-6)
