@@ -4,6 +4,7 @@
     rev(**batch).loss.backward()                 # backward rebuilds activations
     print(meft_fx.explain(rev))
 """
+from .compile import compile, compile_couplings, compiled_couplings
 from .config import MEFTConfig
 from .convert import convert
 from .coupling import Coupling, ReversibleStack
@@ -15,4 +16,5 @@ from .inspect import graphs, show, to_networkx
 __all__ = ["MEFTConfig", "convert", "explain", "Explanation", "ConversionError", "CaptureError",
            "ReconstructionError", "Coupling", "ReversibleStack"]
 __all__ += ["graphs", "show", "to_networkx", "draw"]
+__all__ += ["compile", "compile_couplings", "compiled_couplings"]
 __version__ = "0.1.0"
