@@ -12,6 +12,8 @@ gets a fresh copy of the model. Per method:
     compile_budget0  full fine-tuning under torch.compile with
                      torch._functorch.config.activation_memory_budget = 0 (maximal recomputation)
     meft{1,2,3}_{float,exact}   meft_fx.convert(model, MEFTConfig(method=..., numerics=...))
+    meft{1,2,3}_{float,exact}_compiled   the same, then meft_fx.compile (inductor, dynamic shapes);
+                     not part of "all": ask for them by name or as "compiled" (the six)
 
 A step is forward + loss + backward (no optimizer). One untimed step runs first (it compiles /
 captures and creates the .grad buffers), gradients are then zeroed in place, and the next step is
@@ -45,6 +47,7 @@ from .memory import MiB, measure_step_memory, median_step_time
 BASELINES = ("full", "lora", "lora_ckpt", "compile_budget0")
 MEFT_METHODS = tuple(f"meft{k}_{n}" for k in (1, 2, 3) for n in ("float", "exact"))
 ALL_METHODS = BASELINES + MEFT_METHODS
+COMPILED_METHODS = tuple(f"{m}_compiled" for m in MEFT_METHODS)  # opt-in: not in ALL_METHODS
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 LORA_TARGETS = ["query", "value"]
@@ -156,7 +159,12 @@ def prepare(method: str, model, batch: dict):
         return _compile(model)
     if method in MEFT_METHODS:
         return _meft(model, method, batch)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    if method in COMPILED_METHODS:
+        converted, note = _meft(model, method[: -len("_compiled")], batch)
+        import meft_fx
+
+        return meft_fx.compile(converted), note + " + meft_fx.compile (inductor, dynamic shapes)"
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}")
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -187,7 +195,12 @@ def _time_limit(seconds: float | None, what: str):
 
 @contextlib.contextmanager
 def _method_context(method: str):
-    if method == "compile_budget0":
+    if method in COMPILED_METHODS:
+        try:
+            yield
+        finally:
+            torch._dynamo.reset()
+    elif method == "compile_budget0":
         import torch._functorch.config as functorch_config
 
         with functorch_config.patch(activation_memory_budget=0.0):
@@ -205,7 +218,8 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
     row = {"method": method, "status": "ok", "note": ""}
     model = runner = None
     try:
-        with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" else None, method):
+        with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" or method in COMPILED_METHODS else None,
+                                                      method):
             model = build_model(config, dtype, device, seed)
             try:
                 runner, note = prepare(method, model, batch)
@@ -285,10 +299,13 @@ def expand_methods(methods: str | Iterable[str] | None) -> list[str]:
             names = list(MEFT_METHODS)
         elif m in ("meft1", "meft2", "meft3"):
             names = [f"{m}_float", f"{m}_exact"]
-        elif m in ALL_METHODS:
+        elif m == "compiled":
+            names = list(COMPILED_METHODS)
+        elif m in ALL_METHODS or m in COMPILED_METHODS:
             names = [m]
         else:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}, meft, meft1..3, all")
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}, "
+                             f"meft, meft1..3, compiled, all")
         out.extend(n for n in names if n not in out)
     return out
 
@@ -481,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="all",
-                   help=f"comma-separated from {', '.join(ALL_METHODS)}; also 'meft', 'meft1'..'meft3', 'all'")
+                   help=f"comma-separated from {', '.join(ALL_METHODS)}; also 'meft', 'meft1'..'meft3', 'all', "
+                        f"and (not in 'all') {', '.join(COMPILED_METHODS)} or 'compiled'")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--seed", type=int, default=SEED)

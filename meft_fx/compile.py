@@ -24,6 +24,11 @@ eager's kernels and generator, so a compiled model draws the same masks as the e
 from the same seed and gives the same gradients. With False, inductor's own (fused) random numbers
 are used: masks differ from eager, but the reversible backward still sees the masks its forward drew.
 
+A call structure first seen under compile is captured eagerly (behind a graph break) and its
+stack compiled like the others. transformers models meet one: traced, they pass the converted
+encoder a mask tensor where eager passes None (an all-ones mask), so the first compiled step captures
+once more (seconds, once).
+
 Use `meft_fx.compile` (or `compile_couplings` before your own `torch.compile`): a plain
 `torch.compile(converted)` does not compile the couplings, so the recompute in backward runs them
 eagerly.
@@ -35,7 +40,7 @@ from torch import nn
 
 from .coupling import ReversibleStack
 
-__all__ = ["compile", "compile_couplings", "compiled_couplings"]
+__all__ = ["compile", "compile_couplings", "compiled_couplings", "compile_like"]
 
 
 def _stacks(model: nn.Module) -> list[ReversibleStack]:
@@ -69,6 +74,17 @@ def compile_couplings(model: nn.Module, *, backend="inductor", mode: str | None 
         stack.__dict__["_meft_compile"] = dict(backend=backend, mode=mode, options=opts, dynamic=dynamic)
         _install_graph_break(stack)
     return model
+
+
+def compile_like(new: nn.Module, reference: nn.Module) -> None:
+    """Compile `new`'s stacks (a call structure captured later) like `reference`'s, if those are compiled."""
+    settings = next((s.__dict__["_meft_compile"] for s in _stacks(reference) if "_meft_compile" in s.__dict__), None)
+    if settings is None or not _stacks(new):
+        return
+    options = dict(settings["options"] or {})
+    same = bool(options.pop("fallback_random", False))
+    compile_couplings(new, backend=settings["backend"], mode=settings["mode"], options=options or None,
+                      dynamic=settings["dynamic"], same_masks_as_eager=same)
 
 
 def compiled_couplings(model: nn.Module) -> bool:

@@ -98,6 +98,7 @@ class ConvertedModule(nn.Module):
             gm.train(self.training)
         return gm(*tensors)
 
+    @torch._disable_dynamo  # under torch.compile: capture eagerly, behind a graph break
     def _recapture(self, args, kwargs, key):
         progress = Progress(self._config.verbose)
         progress(f"{self.owner or self.original_class}: new call structure, capturing again")
@@ -114,6 +115,8 @@ class ConvertedModule(nn.Module):
                                   f"{spec.describe()}, and no stack was found when capturing it", analysis.rejected)
         gm.meft_programs = programs
         _freeze_like(gm, self.graph_module)
+        from .compile import compile_like
+        compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
         self._variants[key] = gm
         return gm
 
