@@ -58,14 +58,14 @@ def _grads(model, inputs, seed=0):
 
 
 def measure(arch: str, layers: int, hidden: int, seq: int, batch: int, repeats: int, warmup: int,
-            check: bool, numerics: str = "float") -> dict:
+            check: bool, numerics: str = "float", same_masks_as_eager: bool = True) -> dict:
     model, inputs = build(arch, layers, hidden, seq, batch)
     eager = meft_fx.convert(model, meft_fx.MEFTConfig(numerics=numerics), example_inputs=dict(inputs))
     compiled = copy.deepcopy(eager)
     t0 = time.perf_counter()
-    meft_fx.compile(compiled)
+    meft_fx.compile(compiled, same_masks_as_eager=same_masks_as_eager)
     runners = {"eager": eager, "compiled": compiled}
-    row: dict = {"arch": arch, "numerics": numerics, "layers": layers, "hidden": hidden, "seq": seq, "batch": batch}
+    row: dict = {"arch": arch, "numerics": numerics, "same_masks_as_eager": same_masks_as_eager, "layers": layers, "hidden": hidden, "seq": seq, "batch": batch}
     params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in runners.items()}
 
     def step(k):
@@ -125,6 +125,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--numerics", default="float", help="MEFTConfig.numerics of the converted model")
+    p.add_argument("--inductor-rng", action="store_true",
+                   help="meft_fx.compile(same_masks_as_eager=False): inductor's fused random numbers")
     p.add_argument("--check", action="store_true", help="also compare compiled and eager gradients")
     args = p.parse_args(argv)
     if args.threads:
@@ -132,7 +134,8 @@ def main(argv=None):
     rows = []
     for arch in args.archs.split(","):
         rows.append(measure(arch.strip(), args.layers, args.hidden, args.seq, args.batch, args.repeats,
-                            args.warmup, args.check, args.numerics))
+                            args.warmup, args.check, args.numerics,
+                            not args.inductor_rng))
         print(rows[-1], flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
     print(format_rows(rows))
