@@ -163,12 +163,26 @@ class ReversibleStack(nn.Module):
     def forward(self, x, *context):
         if self.reversible and torch.is_grad_enabled():
             params = [p for p in self.parameters() if p.requires_grad]
+            _refuse_sharded(params)
             if params or x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in context):
                 return _ReversibleFunction.apply(self, len(context), x, *context, *params)
         h1 = h2 = x
         for c in self.couplings:
             h1, h2 = c(h1, h2, context)
         return self.select(h1, h2)
+
+
+def _refuse_sharded(params) -> None:
+    """FSDP2 sharding inside a stack would make the reversible backward silently drop gradients."""
+    if params and torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(p, DTensor) for p in params):
+            raise RuntimeError(
+                "ReversibleStack: some trainable parameters are still sharded (DTensor) when the stack runs: "
+                "torch.distributed.fsdp.fully_shard was applied to a module inside the stack (a coupling, its F or "
+                "G), or to a stack the converted model does not run for this call structure. The reversible "
+                "backward recomputes F and G itself and cannot return gradients for sharded parameters. Apply "
+                "fully_shard to the whole converted model (or a module that contains the ConvertedModule) instead.")
 
 
 def _add(a, b):

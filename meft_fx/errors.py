@@ -32,3 +32,8 @@ class CaptureError(ConversionError):
 
 class ReconstructionError(RuntimeError):
     """The reversible backward could not rebuild a coupling's inputs exactly."""
+
+
+class AdapterMismatchError(ValueError):
+    """Saved adapters (`meft_fx.load_adapters`) do not fit the model: another base model, another
+    MEFT configuration, or other parameter names/shapes. The message lists every difference."""
