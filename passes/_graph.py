@@ -25,6 +25,17 @@ def stamp(node: fx.Node, pass_name: str) -> fx.Node:
     return node
 
 
+def replace_node(gm: fx.GraphModule, old: fx.Node, op: str, target, args: tuple, pass_name: str) -> fx.Node:
+    """Put a new `op` node (call_function / call_module) where `old` was: same meta, stamped, old erased."""
+    with gm.graph.inserting_before(old):
+        new = gm.graph.create_node(op, target, args)
+    new.meta = dict(old.meta)
+    stamp(new, pass_name)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+    return new
+
+
 # ----------------------------------------------------------------------------- op classes
 
 def _targets(*names: str) -> set:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._graph import DROPOUT_TARGETS, stamp
+from ._graph import DROPOUT_TARGETS, replace_node
 
 PASS = "dropout_to_modules"
 aten = torch.ops.aten
@@ -49,12 +49,7 @@ def _sdpa_to_module(gm: fx.GraphModule, n: fx.Node) -> None:
     name = _free_name(gm, "meft_attention")
     gm.add_submodule(name, AttentionWithDropout(p, bound.get("is_causal", False), bound.get("scale"),
                                                 bound.get("enable_gqa", False)))
-    with gm.graph.inserting_before(n):
-        new = gm.graph.call_module(name, (bound["query"], bound["key"], bound["value"], bound.get("attn_mask")))
-    new.meta = dict(n.meta)
-    stamp(new, PASS)
-    n.replace_all_uses_with(new)
-    gm.graph.erase_node(n)
+    replace_node(gm, n, "call_module", name, (bound["query"], bound["key"], bound["value"], bound.get("attn_mask")), PASS)
 
 
 def dropout_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
@@ -77,12 +72,7 @@ def dropout_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         name = _free_name(gm, "meft_dropout")
         gm.add_submodule(name, torch.nn.Dropout(float(p)))
-        with gm.graph.inserting_before(n):
-            new = gm.graph.call_module(name, (x,))
-        new.meta = dict(n.meta)
-        stamp(new, PASS)
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
+        replace_node(gm, n, "call_module", name, (x,), PASS)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._graph import SYM_SIZE_TARGETS, node_value, stamp
+from ._graph import SYM_SIZE_TARGETS, node_value, replace_node
 
 PASS = "hoist_shape_queries"
 aten = torch.ops.aten
@@ -38,12 +38,7 @@ def hoist_shape_queries(gm: fx.GraphModule) -> fx.GraphModule:
         if e not in index:
             continue
         ph, d = index[e]
-        with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(aten.sym_size.int, (ph, d))
-        new.meta = dict(n.meta)
-        stamp(new, PASS)
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
+        replace_node(gm, n, "call_function", aten.sym_size.int, (ph, d), PASS)
     gm.graph.lint()
     gm.recompile()
     return gm
