@@ -169,7 +169,7 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
 
     Args:
         model: any module torch.export (or torch.fx) can trace; transformers models need no inputs.
-        config: a `MEFTConfig` (default: MEFT3, float numerics, reversible).
+        config: a `MEFTConfig` (default: `MEFTConfig()`, MEFT3 reversible).
         example_inputs: keyword arguments (dict) or positional arguments (tuple) for one forward call;
             for transformers models None uses the model's dummy inputs. Batch size and sequence
             length are traced as dynamic, so the result accepts other sizes.
@@ -188,8 +188,6 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
         raise TypeError(f"config must be a meft_fx.MEFTConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if config.numerics == "exact":
-        from . import exact  # noqa: F401  (raises a clear error until exact numerics land)
     verbose = config.verbose
     progress = Progress(verbose)
     target = model if config.inplace else copy.deepcopy(model)

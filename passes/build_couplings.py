@@ -112,8 +112,11 @@ def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
             couplings.append(Coupling(F, G, lam, beta, swap, fi, gi, info=info))
         name = "meft_stack" if single else f"meft_stack_{si}"
         info = {"owner": stack.owner, "method": config.method, "numerics": config.numerics, "dim": int(dim)}
+        if config.numerics == "exact":
+            info["exponents"] = config.exponents
         mod = ReversibleStack(couplings, len(union), output_stream(config.method, swap, config.output),
-                              reversible=config.reversible, has_random=has_random, info=info)
+                              reversible=config.reversible, has_random=has_random, info=info,
+                              numerics=config.numerics)
         gm.add_submodule(name, mod)
         with gm.graph.inserting_after(end):
             call = stamp(gm.graph.call_module(name, (start, *union)), PASS)

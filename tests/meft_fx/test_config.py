@@ -5,10 +5,20 @@ from meft_fx import MEFTConfig
 
 def test_defaults_and_paper_scales():
     assert MEFTConfig().method == "meft3"
-    assert MEFTConfig(method="meft1").scales == (0.1, 1.0, True)
-    assert MEFTConfig(method="meft2").scales == (1.0, 0.1, True)
-    assert MEFTConfig(method="meft3").scales == (0.1, 0.1, False)
-    assert MEFTConfig(method="meft3", lam=0.5).scales == (0.5, 0.1, False)
+    assert MEFTConfig().numerics == "exact"
+    assert MEFTConfig(method="meft1", numerics="float").scales == (0.1, 1.0, True)
+    assert MEFTConfig(method="meft2", numerics="float").scales == (1.0, 0.1, True)
+    assert MEFTConfig(method="meft3", numerics="float").scales == (0.1, 0.1, False)
+    assert MEFTConfig(method="meft3", numerics="float", lam=0.5).scales == (0.5, 0.1, False)
+
+
+def test_exact_defaults_are_powers_of_two():
+    from meft_fx.config import EXACT_DEFAULT_K as k
+    assert MEFTConfig(method="meft1").scales == (2.0 ** -k, 1.0, True)
+    assert MEFTConfig(method="meft2").scales == (1.0, 2.0 ** -k, True)
+    assert MEFTConfig(method="meft3").scales == (2.0 ** -k, 2.0 ** -k, False)
+    assert MEFTConfig(method="meft3", lam=0.5).scales == (0.5, 2.0 ** -k, False)
+    assert MEFTConfig(method="meft3", lam=0.5).exponents == (1, k)
 
 
 @pytest.mark.parametrize("field,value,allowed", [
