@@ -29,9 +29,11 @@ stack compiled like the others. transformers models meet one: traced, they pass 
 encoder a mask tensor where eager passes None (an all-ones mask), so the first compiled step captures
 once more (seconds, once).
 
-Use `meft_fx.compile` (or `compile_couplings` before your own `torch.compile`): a plain
-`torch.compile(converted)` does not compile the couplings, so the recompute in backward runs them
-eagerly.
+A bare `torch.compile(converted)` works too: `ReversibleStack.forward` sees dynamo tracing it
+and runs the stack behind the graph break, compiling the couplings' F and G on that first call
+with the defaults of `compile_couplings` (inductor, dynamic shapes, same masks as eager) unless
+they are compiled already. To choose other settings, call `compile_couplings(converted, ...)`
+before `torch.compile`, or use `meft_fx.compile(converted, ...)`, which does both.
 """
 from __future__ import annotations
 
@@ -59,9 +61,9 @@ def compile_couplings(model: nn.Module, *, backend="inductor", mode: str | None 
     """Compile the F and G of every coupling of `model`'s reversible stacks, in place; returns `model`.
 
     Each F/G GraphModule gets `nn.Module.compile(backend=, mode=, options=, dynamic=)`: its
-    parameter names and `state_dict` keys do not change. The stacks then run behind a dynamo graph
-    break when an enclosing model is compiled (see the module docstring). Idempotent: a second call
-    recompiles with the new settings.
+    parameter names and `state_dict` keys do not change. The stacks run behind a dynamo graph
+    break whenever an enclosing model is compiled (see the module docstring). Idempotent: a second
+    call recompiles with the new settings.
     """
     stacks = _stacks(model)
     if not stacks:
@@ -72,7 +74,6 @@ def compile_couplings(model: nn.Module, *, backend="inductor", mode: str | None 
             for m in (c.F, c.G):
                 m.compile(backend=backend, mode=mode, options=opts, dynamic=dynamic)
         stack.__dict__["_meft_compile"] = dict(backend=backend, mode=mode, options=opts, dynamic=dynamic)
-        _install_graph_break(stack)
     return model
 
 
@@ -112,13 +113,3 @@ def compile(model: nn.Module, *, backend="inductor", mode: str | None = None, op
                   dynamic=dynamic)
     return model
 
-
-# ------------------------------------------------------------------------------------ graph break
-
-def _install_graph_break(stack: ReversibleStack) -> None:
-    """Make `stack` run outside dynamo: its own loop eagerly, its F/G through their compiled graphs."""
-    if "_meft_eager_forward" in stack.__dict__:
-        return
-    stack.__dict__["_meft_eager_forward"] = stack.forward
-    stack.forward = torch._dynamo.disable(stack.forward, reason="meft_fx reversible stack (autograd.Function "
-                                          "with RNG replay and autograd.grad in backward)")

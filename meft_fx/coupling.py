@@ -280,6 +280,10 @@ class ReversibleStack(nn.Module):
         return None
 
     def forward(self, x, *context):
+        if torch.compiler.is_dynamo_compiling():
+            # Under torch.compile (bare or meft_fx.compile): the stack runs behind one graph break, its
+            # couplings' F and G compiled (see meft_fx.compile); dynamo cannot trace the Function.
+            return _behind_graph_break(self, x, *context)
         if self.numerics == "exact":
             from .exact import run_exact_stack
             return run_exact_stack(self, x, context)
@@ -290,6 +294,19 @@ class ReversibleStack(nn.Module):
         for c in self.couplings:
             h1, h2 = c(h1, h2, context)
         return self.select(h1, h2)
+
+
+def _behind_graph_break(stack: ReversibleStack, x, *context):
+    """Run `stack` eagerly (outside dynamo), compiling its couplings' F and G first if nothing did."""
+    from .compile import compile_couplings, compiled_couplings
+    if not compiled_couplings(stack):
+        compile_couplings(stack)  # default settings; call meft_fx.compile_couplings first to choose others
+    return stack(x, *context)
+
+
+_behind_graph_break = torch.compiler.disable(
+    _behind_graph_break, reason="meft_fx reversible stack (autograd.Function with RNG replay and autograd.grad in "
+    "backward); its couplings' F and G run compiled")
 
 
 def _refuse_sharded(params) -> None:

@@ -21,10 +21,11 @@ SHAPES = [(5, 10), (6, 13)]  # (batch, seq): the second changes both
 # duck sizing, a first call whose seq equals, say, the head dim specializes once more (one recompile).
 
 
-def _grads(model, inputs, seed=0):
+def _grads(model, inputs, seed=0, call=None):
+    """(loss, {name: grad}) of one step of `call` (default: `model`), named by `model`'s parameters."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = model(**inputs).loss
+    loss = (model if call is None else call)(**inputs).loss
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                            if p.requires_grad and p.grad is not None}
@@ -80,3 +81,27 @@ def test_replayed_masks_match_nonreversible_twin():
     meft_fx.compile(rev, same_masks_as_eager=False)
     meft_fx.compile(twin, same_masks_as_eager=False)
     _assert_close(_grads(twin, inputs), _grads(rev, inputs), "reversible vs reversible=False, compiled")
+
+
+@pytest.mark.parametrize("numerics", ["float", "exact"])
+def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
+    """A plain `torch.compile(rev)`: the stack runs behind one graph break and its F/G get compiled
+    on the first compiled call (not traced into, not left eager), across two lengths."""
+    arch = make("bert", num_layers=2, hidden=32)
+    eager = meft_fx.convert(arch.model, meft_fx.MEFTConfig(numerics=numerics),
+                            example_inputs=arch.make_inputs(*SHAPES[0]))
+    model = copy.deepcopy(eager)
+    assert not meft_fx.compiled_couplings(model)
+    # fallback_random: the outer graph's dropout (embeddings, classifier) draws eager's masks, as any
+    # compiled model needs for eager's gradients; the couplings get it from compile_couplings' default.
+    compiled = torch.compile(model, dynamic=True, options={"fallback_random": True})
+    graphs = []
+    for batch, seq in SHAPES:
+        inputs = arch.make_inputs(batch, seq)
+        _assert_close(_grads(eager, inputs), _grads(model, inputs, call=compiled), f"bare compile {numerics} seq={seq}")
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert meft_fx.compiled_couplings(model)  # every stack's F and G, including later call structures
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+    assert any("meft_fx reversible stack" in r for r in counters["graph_break"]), dict(counters["graph_break"])
+    reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r]
+    assert not reasons, reasons

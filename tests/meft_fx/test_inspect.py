@@ -126,16 +126,25 @@ def test_explain_one_coupling_per_layer_with_memory(rev3):
         assert c.index == i and c.layer == f"bert.encoder.layer.{i}"
         assert [k for _, k in c.F] == ["attention"] and [k for _, k in c.G] == ["ffn"]
         assert c.F[0][0].startswith(c.layer) and c.G[0][0].startswith(c.layer)
-        assert (c.lam, c.beta, c.swap, c.numerics) == (0.1, 0.1, False, "float")
+        assert (c.lam, c.beta, c.swap, c.numerics) == (2.0 ** -4, 2.0 ** -4, False, "exact")  # the defaults
         assert c.adapters == {"F": [f"meft_adapter_{i}_attn0"], "G": [f"meft_adapter_{i}_ffn"]}
-        # autograd would cache several hidden-size tensors per token; the runtime keeps 2 streams per stack
-        assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 4 / LAYERS)
+        # autograd would cache several hidden-size tensors per token; the runtime keeps 2 int64 streams
+        # per stack and, per coupling, the 4 + 4 bits per element shifted out by λ = β = 2^-4
+        assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 8 / LAYERS + 8 * 32 / 8)
         assert c.autograd_bytes_per_token > 4 * 32 * 4
         assert c.activation_bytes_saved_per_token == pytest.approx(c.autograd_bytes_per_token - c.kept_bytes_per_token)
     text = str(rep)
     assert f"{LAYERS} reversible coupling(s)" in text and "saved/token" in text and "bert.encoder.layer.1" in text
     assert "autograd would cache" in text
     assert meft_fx.explain(rev3, estimate_memory=False).couplings[0].activation_bytes_saved_per_token is None
+
+
+def test_explain_float_numerics_keeps_two_streams_in_the_model_dtype():
+    torch.manual_seed(0)
+    rev = meft_fx.convert(tiny_bert(), meft_fx.MEFTConfig(numerics="float"), example_inputs=batch())
+    for c in meft_fx.explain(rev).couplings:
+        assert (c.lam, c.beta, c.swap, c.numerics) == (0.1, 0.1, False, "float")
+        assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 4 / LAYERS)
 
 
 def test_explain_reference_mode_saves_nothing(rev3):
@@ -161,9 +170,10 @@ def test_graphs_has_every_stage_and_every_coupling(rev3):
     names = list(gs)
     assert names[:len(PASS_ORDER) + 2] == ["captured", *PASS_ORDER, "final"]
     for i in range(LAYERS):
-        for part in ("forward", "inverse", "F", "G"):
+        for part in ("forward", "inverse", "F", "G", "exact_forward", "exact_inverse"):  # exact: the default
             assert f"coupling{i}/{part}" in gs
-    assert sum("inverse" in n for n in names) == LAYERS
+    assert sum(n.endswith("/inverse") for n in names) == LAYERS
+    assert "shift_up" in gs["coupling0/exact_inverse"].code  # the remainders shifted back in
     for name, gm in gs.items():
         assert isinstance(gm, torch.fx.GraphModule)
         code = gm.code
