@@ -3,7 +3,7 @@
     python examples/compile_benchmark.py --archs bert,llama --layers 4 --hidden 256 --seq 96 --batch 8
 
 For each architecture (random init, fp32, dropout on, labels given) one converted model
-(`meft_fx.convert`, MEFT3, `--numerics` float by default) is copied: one copy runs eagerly, the other through
+(`meft_fx.convert`, MEFT3, `--numerics` exact by default, as `MEFTConfig`) is copied: one copy runs eagerly, the other through
 `meft_fx.compile`. After warm-up steps (compilation), the timed steps of the two alternate, so
 both see the same load on a shared machine; the time is the median step (forward + loss + backward,
 gradients zeroed in place). Memory: `meft_fx.memory.measure_step_memory` of one step.
@@ -124,7 +124,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--numerics", default="float", help="MEFTConfig.numerics of the converted model")
+    p.add_argument("--numerics", default="exact", help="MEFTConfig.numerics of the converted model (default: exact, the default)")
     p.add_argument("--inductor-rng", action="store_true",
                    help="meft_fx.compile(same_masks_as_eager=False): inductor's fused random numbers")
     p.add_argument("--check", action="store_true", help="also compare compiled and eager gradients")

@@ -112,9 +112,10 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     """Convert a float tensor to int64 fixed point: ``round(x · 2^frac_bits)``.
 
     Accepts any floating dtype (float64, float32, bfloat16, float16).  The computation is
-    done in float64, where scaling by a power of two is exact (every fp32/bf16/fp16 value
-    converts to float64 exactly), followed by round to nearest (ties to even): the result is
-    the fixed-point value nearest to ``x``, off by at most 2^-(frac_bits+1).
+    done in fp32 (float64 for float64 input), where scaling by a power of two is exact
+    (bf16/fp16 values widen to fp32 exactly), followed by round to nearest (ties to even):
+    the result is the fixed-point value nearest to ``x``, off by at most 2^-(frac_bits+1) —
+    the same integers a float64 computation gives.
 
     Raises:
         ValueError: ``x`` is not a floating tensor; ``frac_bits`` is not in
@@ -127,31 +128,37 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"quantize expects a floating-point tensor, got dtype {x.dtype} "
                          "(is it already quantized?)")
-    x64 = x.detach().to(torch.float64)
-    finite = torch.isfinite(x64)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"quantize: {bad} of {x64.numel()} values are not finite (NaN or inf); "
-                         "fixed point cannot represent them (did F or G overflow in "
-                         f"{x.dtype}?)")
-    scaled = torch.round(x64 * (2.0 ** frac_bits))  # power-of-two scaling: exact
-    # Representable int64 range is [-2^63, 2^63 - 1]; rounded float64 values are integers,
-    # so "< 2^63" and ">= -2^63" are exactly the right bounds.
-    over = (scaled >= _TWO63) | (scaled < -_TWO63)
-    if bool(over.any()):
-        n_over = int(over.sum())
-        worst = float(x64.abs().max())
-        limit = 2.0 ** (63 - frac_bits)
+    # Scale in fp32 (float64 stays float64; bf16/fp16 are widened to fp32 first, exactly): multiplying
+    # by 2^frac_bits is exact there too, and rounding a float to the nearest integer gives that same
+    # integer in any binary format that holds the value, so the result equals the float64 computation.
+    work = x.detach()
+    if work.dtype != torch.float64:
+        work = work.to(torch.float32)
+    limit = 2.0 ** (63 - frac_bits)
+    lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)  # NaN propagates
+    if not (-limit <= lo and hi < limit):  # int64 holds [-2^63, 2^63)
+        worst = max(abs(lo), abs(hi))
+        finite = torch.isfinite(work)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(f"quantize: {bad} of {work.numel()} values are not finite (NaN or inf); "
+                             "fixed point cannot represent them (did F or G overflow in "
+                             f"{x.dtype}?)")
+        n_over = int(((work >= limit) | (work < -limit)).sum())
         raise ValueError(f"quantize: {n_over} values overflow int64 with frac_bits={frac_bits} "
                          f"(max |x| = {worst:.6g}, representable |x| < {limit:.6g}); "
                          "use fewer fractional bits")
+    scaled = work * (2.0 ** frac_bits)  # power-of-two scaling: exact
+    scaled.round_()  # ties to even
     return scaled.to(torch.int64)
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Convert an int64 fixed-point tensor to floats of ``dtype``: ``q · 2^-frac_bits``.
 
-    Goes through float64 (exact while |q| < 2^53), then rounds once to ``dtype``.
+    Rounds q once to fp32 (float64 for a float64 ``dtype``), scales exactly by 2^-frac_bits,
+    then casts to ``dtype``: for |q| < 2^53 the same result as computing in float64 and
+    rounding to ``dtype``.
 
     Raises:
         ValueError: ``q`` is not int64, ``frac_bits`` out of range, or ``dtype`` is not a
@@ -161,8 +168,13 @@ def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
     _check_int64(q, "q")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dequantize: dtype must be a floating torch.dtype, got {dtype!r}")
-    x64 = q.to(torch.float64) * (2.0 ** -frac_bits)  # power-of-two scaling: exact
-    return x64 if dtype == torch.float64 else x64.to(dtype)
+    # One rounding of q to the working float (fp32 for fp32 and narrower targets), then an exact
+    # power-of-two scaling: the same value as q · 2^-frac_bits computed in float64 and rounded to
+    # fp32 whenever |q| < 2^53 (always, for streams of real activations).
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out = q.to(work)
+    out.mul_(2.0 ** -frac_bits)
+    return out if dtype == work else out.to(dtype)
 
 
 # ------------------------------------------------------------------------------- bit packing
@@ -450,18 +462,16 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
 
 
 def checksum(q: torch.Tensor) -> int:
-    """Cheap order-sensitive 64-bit checksum of an int64 tensor (returned in [0, 2^64)).
+    """Cheap position-sensitive 64-bit checksum of an int64 tensor (returned in [0, 2^64)).
 
-    ``sum_i mix(q_i XOR key_i)`` mod 2^64 over the elements in row-major order, with
-    ``key_i = (i+1)·φ`` (φ = 0x9E3779B97F4A7C15, a Weyl sequence: distinct keys for all
-    positions) and ``mix`` the SplitMix64 finalizer, a bijection of 64-bit words; the shape is
-    folded in as well.  Properties:
+    ``sum_i q_i · key_i`` mod 2^64 over the elements in row-major order, with distinct odd
+    keys ``key_i = 2·(i+1)·φ + 1`` (φ = 0x9E3779B97F4A7C15, a Weyl sequence), plus a mix of
+    the shape.  Properties:
 
-    * changing any single element by any nonzero amount always changes the checksum
-      (that element's term is a bijective function of its value; the other terms stay);
-    * permuting elements (e.g. swapping two) changes it except with probability ~2^-64;
-    * fully vectorised: about a dozen elementwise int64 ops (wrapping arithmetic) and one
-      sum, no Python loop over elements.
+    * changing any single element by any nonzero amount always changes the checksum (its
+      term changes by delta · key_i, and multiplying by an odd key is a bijection mod 2^64);
+    * swapping two elements q_a, q_b changes it unless (q_a − q_b)·(b − a) ≡ 0 mod 2^63;
+    * six vectorised int64 passes (wrapping arithmetic) and one sum, no Python loop.
 
     Meant for verifying reconstructions (compare the checksum of a stream saved in forward
     with that of the stream rebuilt in backward) without keeping the stream.
@@ -479,8 +489,10 @@ def checksum(q: torch.Tensor) -> int:
     if n:
         key = torch.arange(1, n + 1, dtype=torch.int64, device=q.device)
         key *= _GOLDEN
-        key ^= flat
-        total = (total + int(_mix64(key).sum())) & _M64
+        key <<= 1
+        key += 1
+        key *= flat
+        total = (total + int(key.sum())) & _M64
     return total
 
 
