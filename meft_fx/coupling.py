@@ -115,7 +115,10 @@ class Coupling(nn.Module):
         ((y1q, y2q, rem1, rem2, *context) -> (x1q, x2q)) on int64 fixed-point streams, F and G in
         `dtype` (`dtype`/`frac_bits` only matter for the exact programs).
         """
-        key = (which, num_context) if not which.startswith("exact") else (which, num_context, dtype, frac_bits)
+        # λ, β and swap are runtime attributes (MEFTConfig sets them; tests flip them): part of the key
+        key = (which, num_context, self.lam, self.beta, self.swap)
+        if which.startswith("exact"):
+            key += (dtype, frac_bits)
         if key not in self._graphs:
             if which.startswith("exact"):
                 self._graphs[key] = _exact_coupling_graph(self, which, num_context, dtype, frac_bits)

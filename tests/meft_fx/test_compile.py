@@ -105,3 +105,13 @@ def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
     assert any("meft_fx reversible stack" in r for r in counters["graph_break"]), dict(counters["graph_break"])
     reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r]
     assert not reasons, reasons
+
+
+def test_compile_outer_false_compiles_only_the_couplings():
+    arch = make("llama", num_layers=2, hidden=32)
+    inputs = arch.make_inputs(*SHAPES[0])
+    eager = meft_fx.convert(arch.model, example_inputs=inputs)
+    model = meft_fx.compile(copy.deepcopy(eager), outer=False)
+    assert meft_fx.compiled_couplings(model) and getattr(model, "_compiled_call_impl", None) is None
+    _assert_close(_grads(eager, inputs), _grads(model, inputs), "llama, couplings only")
+    assert counters["stats"]["unique_graphs"] > 0  # the couplings' graphs (outer model eager)

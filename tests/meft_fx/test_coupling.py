@@ -30,6 +30,19 @@ def make_stack(n, d, method_scales, reversible, ctx=True, seed=0):
 SCALES = {"meft1": (0.1, 1.0, True), "meft2": (1.0, 0.1, True), "meft3": (0.1, 0.1, False)}
 
 
+def test_generated_programs_follow_a_changed_lambda():
+    """λ/β are runtime attributes; a program generated before they change must not be served after."""
+    c = make_stack(1, 8, SCALES["meft3"], True).couplings[0].eval()
+    assert "0.1" in c.graph("inverse", 1).code
+    c.lam = c.beta = 0.25
+    code = c.graph("inverse", 1).code
+    assert "0.25" in code and "0.1" not in code
+    x1, x2, ctx = (torch.randn(2, 3, 8, dtype=torch.double) for _ in range(3))
+    y1, y2 = c(x1, x2, (ctx,))
+    r1, r2 = c.graph("inverse", 1)(y1, y2, ctx)
+    assert torch.allclose(r1, x1, atol=1e-12) and torch.allclose(r2, x2, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", list(SCALES))
 def test_inverse_reconstructs_inputs(method):
     c = make_stack(1, 8, SCALES[method], True).couplings[0].eval()
