@@ -35,6 +35,7 @@ import torch
 import meft_fx
 from meft_fx import MEFTConfig, ReversibleStack
 from meft_fx import fixed_point as fxp
+from meft_fx.inspect import stack_call
 from meft_fx.config import EXACT_DEFAULT_K, PAPER_SCALES, exact_scales
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -63,20 +64,6 @@ def set_mode(st: ReversibleStack, numerics: str, method: str) -> None:
     st.numerics = numerics
     for c in st.couplings:
         c.lam, c.beta = lam, beta
-
-
-def stack_call(model, inputs):
-    """The converted model's ReversibleStack and the (x, *context) it is called with."""
-    st, seen = next(m for m in model.modules() if isinstance(m, ReversibleStack)), {}
-    h = st.register_forward_pre_hook(lambda m, a: seen.setdefault("a", a))
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        h.remove()
-    x, *ctx = seen["a"]
-    return st, x, tuple(ctx)
 
 
 @torch.no_grad()

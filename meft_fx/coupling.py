@@ -157,10 +157,15 @@ def _coupling_graph(c: Coupling, which: str, n_ctx: int) -> fx.GraphModule:
         g.output((x1, x2))
     else:
         raise ValueError(f"which={which!r}: expected 'forward' or 'inverse'")
+    return _codegen_module(root, g, which)
+
+
+def _codegen_module(root: nn.Module, g: fx.Graph, which: str) -> fx.GraphModule:
+    """Stamp a generated coupling program's provenance, lint it and wrap it (class CouplingExactInverse, ...)."""
     for n in g.nodes:
         n.meta["meft_pass"] = "codegen"
     g.lint()
-    return fx.GraphModule(root, g, class_name=f"Coupling{which.capitalize()}")
+    return fx.GraphModule(root, g, class_name="Coupling" + "".join(w.capitalize() for w in which.split("_")))
 
 
 def _exact_coupling_graph(c: Coupling, which: str, n_ctx: int, dtype, frac_bits: int) -> fx.GraphModule:
@@ -196,10 +201,7 @@ def _exact_coupling_graph(c: Coupling, which: str, n_ctx: int, dtype, frac_bits:
         g.output((x1q, x2q))
     else:
         raise ValueError(f"which={which!r}: expected 'forward', 'inverse', 'exact_forward' or 'exact_inverse'")
-    for n in g.nodes:
-        n.meta["meft_pass"] = "codegen"
-    g.lint()
-    return fx.GraphModule(root, g, class_name="Coupling" + "".join(w.capitalize() for w in which.split("_")))
+    return _codegen_module(root, g, which)
 
 
 # ----------------------------------------------------------------------------- RNG / autocast replay

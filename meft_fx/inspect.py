@@ -59,6 +59,25 @@ def _stack_calls(gm: fx.GraphModule) -> list:
 
 # ----------------------------------------------------------------------------- printable programs
 
+def stack_call(model: nn.Module, inputs: dict):
+    """(stack, x, context): the first `ReversibleStack` that `model(**inputs)` runs and the stream
+    input and context tensors it is called with, from one eval-mode, no-grad forward (the model is
+    left in eval mode). For running or inverting a stack's couplings by hand."""
+    st = next((m for m in model.modules() if isinstance(m, ReversibleStack)), None)
+    if st is None:
+        raise ValueError(f"{type(model).__name__} has no ReversibleStack: call meft_fx.convert first")
+    seen = {}
+    h = st.register_forward_pre_hook(lambda m, a: seen.setdefault("args", a))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    x, *context = seen["args"]
+    return st, x, tuple(context)
+
+
 def made_by(gm: fx.GraphModule) -> str:
     """The pass that made `gm` (from `gm.meta["meft_pass"]`)."""
     return (getattr(gm, "meta", None) or {}).get(PROVENANCE, "?")

@@ -29,6 +29,7 @@ from meft_fx import MEFTConfig, ReconstructionError, ReversibleStack
 from meft_fx import exact as exact_mod
 from meft_fx import fixed_point as fxp
 from meft_fx.convert import ConvertedModule
+from meft_fx.inspect import stack_call
 
 METHODS = ["meft1", "meft2", "meft3"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -147,19 +148,6 @@ def max_rel_err(g_rev, g_ref):
     return worst
 
 
-def stack_call(model, inputs):
-    """(stack, x, context) of the first ReversibleStack call of model(**inputs), in eval mode."""
-    st = stacks(model)[0]
-    seen = {}
-    h = st.register_forward_pre_hook(lambda m, a: seen.setdefault("args", a))
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        h.remove()
-    x, *context = seen["args"]
-    return st, x, tuple(context)
 
 
 # ----------------------------------------------------------------------------- gradients at depth 24
