@@ -1,35 +1,25 @@
 """Every dropout in the graph is a submodule, so `train()`/`eval()` switch it.
 
 torch.export bakes train mode into the graph: `aten.dropout(x, p, True)` and attention dropout
-inside `scaled_dot_product_attention(..., dropout_p)`. After this pass, dropouts are `nn.Dropout`
-modules and dropping attention is an `AttentionWithDropout` module, so the captured graph follows
-the module's mode like the original model did.
+inside `scaled_dot_product_attention(..., dropout_p)`. After this pass, dropouts are
+`meft_fx.dropout.Dropout` modules (an `nn.Dropout` whose masks are drawn with `torch.rand`, half
+the CPU time of `bernoulli_`) and dropping attention is an `AttentionWithDropout` module
+(`meft_fx.attention`: in training it keeps no (batch, heads, L, S) tensor for the backward), so the
+captured graph follows the module's mode like the original model did. Masks have the original's
+distribution but are not the numbers the original draws for the same seed.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
+from meft_fx.attention import AttentionWithDropout
+from meft_fx.dropout import Dropout
+
 from ._graph import DROPOUT_TARGETS, replace_node
 
 PASS = "dropout_to_modules"
 aten = torch.ops.aten
-
-
-class AttentionWithDropout(torch.nn.Module):
-    """`scaled_dot_product_attention` whose attention dropout is on only in training mode."""
-
-    def __init__(self, p: float, is_causal: bool = False, scale=None, enable_gqa: bool = False):
-        super().__init__()
-        self.p, self.is_causal, self.scale, self.enable_gqa = float(p), bool(is_causal), scale, bool(enable_gqa)
-
-    def forward(self, q, k, v, attn_mask=None):
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0, is_causal=self.is_causal,
-            scale=self.scale, enable_gqa=self.enable_gqa)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, is_causal={self.is_causal}, scale={self.scale}, enable_gqa={self.enable_gqa}"
 
 
 def _free_name(gm, prefix: str) -> str:
@@ -53,7 +43,8 @@ def _sdpa_to_module(gm: fx.GraphModule, n: fx.Node) -> None:
 
 
 def dropout_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace functional dropout calls by calls to fresh `nn.Dropout(p)` submodules."""
+    """Replace functional dropout calls by fresh `meft_fx.dropout.Dropout(p)` submodules and dropping
+    attention by `AttentionWithDropout` submodules; drop the ones that are off (p = 0 or train=False)."""
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default:
             _sdpa_to_module(gm, n)
@@ -71,7 +62,7 @@ def dropout_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(n)
             continue
         name = _free_name(gm, "meft_dropout")
-        gm.add_submodule(name, torch.nn.Dropout(float(p)))
+        gm.add_submodule(name, Dropout(float(p)))
         replace_node(gm, n, "call_module", name, (x,), PASS)
     gm.graph.lint()
     gm.recompile()

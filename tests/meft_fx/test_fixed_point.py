@@ -406,3 +406,19 @@ def test_coupling_errors():
     big = torch.full((4, 8), INT64_MAX - 5)
     with pytest.raises(RuntimeError, match="overflow"):
         coupling_forward(big, x2q, lambda t: torch.full_like(t, 10.0), ident, 0, 0, 2, dtype)
+
+
+def test_checked_add_raises_exactly_on_overflow():
+    from meft_fx.fixed_point import _add_checked
+
+    hi, lo = INT64_MAX, -INT64_MAX - 1
+    small = torch.tensor([1, -3, 7])
+    assert torch.equal(_add_checked(small, small, "s"), 2 * small)  # bounds far from the limits
+    # the bounds could overflow (max + max > 2^63 − 1) but no element pair does: no error
+    a, b = torch.tensor([hi, -5]), torch.tensor([-5, hi])
+    assert torch.equal(_add_checked(a, b, "s"), torch.tensor([hi - 5, hi - 5]))
+    assert torch.equal(_add_checked(torch.tensor([hi - 1]), torch.tensor([1]), "s"), torch.tensor([hi]))
+    assert torch.equal(_add_checked(torch.tensor([lo + 1]), torch.tensor([-1]), "s"), torch.tensor([lo]))
+    for x, y in [([hi, 0], [1, 0]), ([0, lo], [0, -1]), ([hi // 2 + 1], [hi // 2 + 1])]:
+        with pytest.raises(RuntimeError, match="what overflows int64"):
+            _add_checked(torch.tensor(x), torch.tensor(y), "what")
