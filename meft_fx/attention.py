@@ -120,10 +120,8 @@ class _ChunkedAttention(torch.autograd.Function):
         drop = torch.empty((*lead, L, S), dtype=torch.bool, device=q.device) if keep and p > 0 else None
         out = torch.empty((*lead, L, v.size(-1)), dtype=q.dtype, device=q.device)
         for idx in _chunks(tuple(lead), L * S * torch.finfo(cdt).bits // 8):
-            probs = _probs(qe[idx], ke[idx], None if mask is None else mask[idx], sf, cdt, safe)
-            if p > 0:
-                kept = keep_mask(probs.shape, p, q.device, out=None if drop is None else drop[idx])
-                probs = apply_mask(probs, kept, p)
+            probs = _dropped_probs(qe[idx], ke[idx], None if mask is None else mask[idx], p, sf, cdt, safe,
+                                   None if drop is None else drop[idx])
             out[idx] = torch.matmul(probs, ve[idx].to(cdt))
         if keep:
             ctx.save_for_backward(q, k, v, attn_mask, drop)
@@ -193,10 +191,15 @@ def _scale_root(q, scale) -> float:
 def _attend(q, k, v, mask, p, sf, safe):
     """The whole attention as one chunk under autograd (what torch.compile traces)."""
     cdt = _compute_dtype(q.dtype)
+    return torch.matmul(_dropped_probs(q, k, mask, p, sf, cdt, safe), v.to(cdt)).to(q.dtype)
+
+
+def _dropped_probs(q, k, mask, p, sf, cdt, safe, drop_out=None):
+    """`_probs` with dropout applied (mask drawn by `keep_mask`, written into `drop_out` if given)."""
     probs = _probs(q, k, mask, sf, cdt, safe)
     if p > 0:
-        probs = apply_mask(probs, keep_mask(probs.shape, p, q.device), p)
-    return torch.matmul(probs, v.to(cdt)).to(q.dtype)
+        probs = apply_mask(probs, keep_mask(probs.shape, p, q.device, out=drop_out), p)
+    return probs
 
 
 def _expanded_mask(attn_mask, is_causal, lead, L, S, device):

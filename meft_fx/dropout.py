@@ -22,8 +22,7 @@ def keep_mask(shape, p: float, device=None, out: torch.Tensor | None = None) -> 
 
     `out`: a contiguous bool tensor of `shape` to write the mask into.
     """
-    u = torch.rand(shape, device=device)
-    return torch.ge(u, p, out=out) if out is not None else u.ge_(p).bool()
+    return torch.ge(torch.rand(shape, device=device), p, out=out)
 
 
 def apply_mask(t: torch.Tensor, kept: torch.Tensor, p: float) -> torch.Tensor:
