@@ -29,7 +29,7 @@ def build(arch: str, layers: int, hidden: int, seq: int, batch: int, seed: int =
     if arch == "bert":
         from transformers import BertForSequenceClassification
 
-        from meft_fx.bench import bert_config
+        from meft_fx.bench.run import bert_config
         cfg = bert_config(hidden, layers, max_seq=seq)
         model = BertForSequenceClassification(cfg)
         labels = torch.randint(0, cfg.num_labels, (batch,), generator=g)

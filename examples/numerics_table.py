@@ -33,10 +33,10 @@ import time
 import torch
 
 import meft_fx
-from meft_fx import MEFTConfig, ReversibleStack
-from meft_fx import fixed_point as fxp
-from meft_fx.inspect import stack_call
-from meft_fx.config import EXACT_DEFAULT_K, PAPER_SCALES, exact_scales
+from meft_fx import MEFTConfig
+from meft_fx.config import EXACT_DEFAULT_K
+from meft_fx.inspection.graphs import stack_call
+from meft_fx.runtime import ReversibleStack
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,10 +60,10 @@ def make_batch(batch: int, seq: int):
 
 def set_mode(st: ReversibleStack, numerics: str, method: str) -> None:
     """What `MEFTConfig(numerics=...)` builds: the stack's numerics and that mode's default λ/β."""
-    lam, beta, _ = PAPER_SCALES[method] if numerics == "float" else exact_scales(method)
-    st.numerics = numerics
+    lam, beta, _ = MEFTConfig(method=method, numerics=numerics).scales
     for c in st.couplings:
         c.lam, c.beta = lam, beta
+    st.numerics = numerics
 
 
 @torch.no_grad()
@@ -71,31 +71,25 @@ def reconstruction_error(st, x, ctx, numerics: str) -> float:
     """max |rebuilt stack input − x| / max |x| after running all couplings forward and back (eval)."""
     st.eval()
     scale = x.float().abs().max().item()
-    if numerics == "float":
-        h1 = h2 = x
-        for c in st.couplings:
-            h1, h2 = c(h1, h2, ctx)
-        for c in reversed(st.couplings):
-            h1, h2 = c.inverse(h1, h2, ctx)
-        err = max((h1.float() - x.float()).abs().max().item(), (h2.float() - x.float()).abs().max().item())
-        return err / scale if math.isfinite(err) else float("inf")
-    q = fxp.quantize(x, st.frac_bits)
-    h1, h2, rems = q, q, []
-    for c in st.couplings:
-        h1, h2, r = c.exact_forward(h1, h2, ctx, dtype=x.dtype, frac_bits=st.frac_bits)
-        rems.append(r)
-    for c, r in zip(reversed(st.couplings), reversed(rems)):
-        h1, h2 = c.exact_inverse(h1, h2, r, ctx, dtype=x.dtype, frac_bits=st.frac_bits)
-    diff = max((h1 - q).abs().max().item(), (h2 - q).abs().max().item())
-    return diff * 2.0 ** -st.frac_bits / scale
+    arith, n = st.arithmetic, len(st.couplings)
+    q = arith.encode(x)
+    h1, h2, residues = q, q, []
+    for i in range(n):  # the generated programs the stack runs, then their inverses
+        h1, h2, r1, r2 = st.program(i, "forward", x.dtype)(h1, h2, None, *ctx)
+        residues.append((r1, r2))
+    for i in reversed(range(n)):
+        h1, h2 = st.program(i, "inverse", x.dtype)(h1, h2, *residues[i], *ctx)
+    x0 = arith.decode(q, x.dtype).double()
+    err = max((arith.decode(h, x.dtype).double() - x0).abs().max().item() for h in (h1, h2))
+    return err / scale if math.isfinite(err) else float("inf")
 
 
 def stored_bytes(node) -> int:
     """Bytes of activations the reversible Function node keeps: the two top streams (+ the packed
     remainders in exact mode); not counted: RNG states and checksums (per call, not per token)."""
     total = sum(t.numel() * t.element_size() for t in node.saved_tensors[:2])
-    for state in node.states:
-        total += sum(t.numel() * t.element_size() for t in state[2:4]) if len(state) > 2 else 0
+    for _tape, r1, r2, _check in node.saved:
+        total += sum(t.numel() * t.element_size() for t in (r1, r2) if t is not None)
     return total
 
 
@@ -154,7 +148,7 @@ def depth_table(depths, hidden, seq, batch, method):
                 top = 2 * x.shape[-1] * (8 if numerics == "exact" else x.element_size()) * tokens
                 rows.append((L, dname, numerics, rec, gerr, (nbytes - top) / tokens / L, nbytes / tokens / L))
         print(f"  depth {L}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    lam, beta, _ = exact_scales(method)
+    lam, beta, _ = MEFTConfig(method=method, numerics="exact").scales
     print(f"\n{method.upper()}, random BERT hidden {hidden}, batch {batch} × seq {seq} (last row 1/4 padding); "
           f"float: the paper's λ/β (0.1), exact: λ = {lam:g}, β = {beta:g}, 32 fractional bits\n")
     print("| layers | dtype | numerics | reconstruction error | gradient error | stored B/token/layer | incl. top streams |")

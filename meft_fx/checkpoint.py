@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .config import MEFTConfig
+from .conversion import ConvertedModule
 from .errors import AdapterMismatchError
 
 __all__ = ["save_adapters", "load_adapters", "adapter_config", "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -112,8 +113,6 @@ def _base_tensors(model: nn.Module, exclude) -> dict:
     ConvertedModule keeps, so the fingerprint names the base model's tensors whatever the MEFT
     configuration (and stays whole when FSDP2 shards the rewritten graph's parameters).
     """
-    from .convert import ConvertedModule
-
     named = dict(model.named_parameters())
     excluded = {id(p) for n, p in named.items() if n in exclude}
     originals = {}  # rewritten parameter name -> (prefix, original module) of its ConvertedModule

@@ -20,10 +20,11 @@ picture to whatever is printed.
 """
 
 EPILOG = """\
-graph names (--list-graphs shows them all): captured, hoist_shape_queries, dropout_to_modules,
-insert_adapters, build_couplings, final, coupling{i}/forward, coupling{i}/inverse, coupling{i}/F,
-coupling{i}/G; with several converted modules they are prefixed by the module path and "/". A unique
-suffix is enough: --graph coupling3/inverse.
+graph names (--list-graphs shows them all): captured, then one per transform of the pass pipeline
+(meft_fx.passes.PIPELINE), final, and per coupling coupling{i}/forward, coupling{i}/inverse,
+coupling{i}/backward (the generated programs the runtime runs), coupling{i}/F, coupling{i}/G; with
+several converted modules they are prefixed by the module path and "/". A unique suffix is enough:
+--graph coupling3/inverse.
 
 examples:
   python -m meft_fx inspect /path/to/all-MiniLM-L6-v2
@@ -117,7 +118,8 @@ def _inspect(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import meft_fx
     from meft_fx import ConversionError, MEFTConfig
-    from meft_fx.inspect import debug_node, find_graph, format_program, graphs
+    from meft_fx.inspection.debug_node import debug_node
+    from meft_fx.inspection.graphs import find_graph, format_program, graphs
 
     try:
         config = MEFTConfig(method=args.method, lam=args.lam, beta=args.beta, verbose=args.verbose)

@@ -5,45 +5,71 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
-METHODS = ("meft1", "meft2", "meft3")
-NUMERICS = ("float", "exact")
+from .runtime.arithmetic import ARITHMETICS, exponent_of
+from .runtime.fixed_point import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One MEFT method (Table 1 of the paper): what F and G are, λ/β, swap, which stream is pretrained.
+
+    F / G: "attention" (the layer's attention sub-block(s)), "ffn" (its FFN sub-block), "layer"
+    (the whole layer) or "adapter" (an adapter alone). lam / beta: the paper's scales (float
+    numerics); a scale below 1 marks a scaled stream, which exact numerics scale by 2^-k instead.
+    attention_adapter: a sequential adapter after each attention sub-block (besides the parallel
+    one beside the FFN). pretrained: the half ("F" or "G") whose output carries the pretrained
+    chain, so the stream it writes is the one to return (`output_stream`).
+    """
+
+    F: str
+    G: str
+    lam: float
+    beta: float
+    swap: bool
+    attention_adapter: bool
+    pretrained: str
+
+    def exact_scales(self, k: int) -> tuple[float, float]:
+        """(λ, β) under exact numerics: each scaled stream gets 2^-k, the others 1."""
+        return (2.0 ** -k if self.lam != 1.0 else 1.0, 2.0 ** -k if self.beta != 1.0 else 1.0)
+
+    def output_stream(self, output: str):
+        """Which top stream a stack returns: 0 (h1), 1 (h2) or "mean" (`MEFTConfig.output`)."""
+        if output == "mean":
+            return "mean"
+        written = 0 if self.pretrained == "F" else 1  # F writes stream 1, G stream 2
+        return 1 - written if self.swap else written
+
+
+#: The method table: everything that differs between MEFT1, MEFT2 and MEFT3.
+METHODS = {
+    "meft1": MethodSpec(F="layer", G="adapter", lam=0.1, beta=1.0, swap=True, attention_adapter=False, pretrained="F"),
+    "meft2": MethodSpec(F="adapter", G="layer", lam=1.0, beta=0.1, swap=True, attention_adapter=False, pretrained="G"),
+    "meft3": MethodSpec(F="attention", G="ffn", lam=0.1, beta=0.1, swap=False, attention_adapter=True,
+                        pretrained="G"),
+}
+NUMERICS = tuple(ARITHMETICS)
 CAPTURES = ("auto", "export", "fx")
 OUTPUTS = ("pretrained", "mean")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 
-# (lambda, beta, swap streams after each coupling) from Table 1 of the MEFT paper.
-PAPER_SCALES = {
-    "meft1": (0.1, 1.0, True),
-    "meft2": (1.0, 0.1, True),
-    "meft3": (0.1, 0.1, False),
-}
-
 #: numerics="exact": λ and β are powers of two 2^-k; k when `lam`/`beta` are None, chosen by
 #: measurement on all-MiniLM-L6-v2 (starting-point cosine vs bits stored; see the README).
 EXACT_DEFAULT_K = 4
+#: The smallest λ / β accepted (see `MEFTConfig.validate`).
+MIN_SCALE_K = 16
+MIN_SCALE = 2.0 ** -MIN_SCALE_K
 
 
-def exact_scales(method: str, k: int = EXACT_DEFAULT_K) -> tuple[float, float, bool]:
-    """(λ, β, swap) of `method` under exact numerics: the paper's scaled stream(s) get 2^-k, the others 1."""
-    lam, beta, swap = PAPER_SCALES[method]
-    return (2.0 ** -k if lam != 1.0 else 1.0, 2.0 ** -k if beta != 1.0 else 1.0, swap)
+def _integer(name: str, value, lo: int, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer ≥ {lo}"
+        raise ValueError(f"MEFTConfig.{name}={value!r} must be {allowed}")
 
 
-def exponent_of(scale: float, name: str = "scale") -> int:
-    """k with scale == 2^-k exactly (k ≥ 0); ValueError naming the nearest powers of two otherwise."""
-    s = float(scale)
-    if not (0.0 < s <= 1.0) or not math.isfinite(s):
-        raise ValueError(f"{name}={scale!r} must be a power of two 2^-k in (0, 1]")
-    m, e = math.frexp(s)  # s = m·2^e, m in [0.5, 1)
-    if m == 0.5:
-        return 1 - e
-    hi, lo = -e, 1 - e  # 2^-hi > s > 2^-lo
-    raise ValueError(f"{name}={scale!r} is not a power of two; nearest: {2.0 ** -hi:g} ({_pow(hi)}) or "
-                     f"{2.0 ** -lo:g} ({_pow(lo)})")
-
-
-def _pow(k: int) -> str:
-    return f"2^-{k}" if k else "2^0"
+def _number(name: str, value, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+        raise ValueError(f"MEFTConfig.{name}={value!r} must be {allowed}")
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -67,8 +93,8 @@ class MEFTConfig:
         adapter_activation: the adapter's non-linearity, one of "relu", "gelu", "tanh", "silu".
         adapter_dropout: dropout probability inside adapters (paper: 0.1).
         adapter_init_std: std of the N(0, std) init of both adapter weights (paper: 0.02; biases are 0).
-        numerics: "exact" (default) keeps both streams in int64 fixed point (meft_fx.fixed_point: 32 fractional
-            bits), computes F and G in the model's dtype on the dequantized stream and adds their
+        numerics: "exact" (default) keeps both streams in int64 fixed point (meft_fx.runtime.fixed_point,
+            `frac_bits` fractional bits), computes F and G in the model's dtype on the dequantized stream and adds their
             quantized outputs in integers; λ = 2^-k1, β = 2^-k2 are shifts whose dropped k bits per
             element are stored, so the backward rebuilds every activation bit for bit at any depth
             and dtype (cost: k1 + k2 bits per element per layer, plus an int64 checksum that detects
@@ -77,6 +103,9 @@ class MEFTConfig:
             "float" is the paper's arithmetic (λ = β = 0.1 by default, division by λ, β in the
             backward), kept for comparison: rounding error grows ~1/λ per layer (fine for shallow
             fp32 stacks; at 24 layers, or in bf16, the reversible gradients are wrong).
+        frac_bits: fractional bits of the exact fixed-point streams (default 32: resolution 2^-32,
+            range ±2^31). A model whose activations overflow that range (an error says so) needs
+            fewer, e.g. 24 (range ±2^39, resolution 6e-8). Ignored by float numerics.
         reversible: True runs the backward by reconstructing activations (caches ~nothing).
             False builds the very same network and trains it with ordinary autograd: the reference.
         output: which stream leaves the stack. "pretrained" (default) is the stream last written by the
@@ -99,6 +128,7 @@ class MEFTConfig:
     adapter_dropout: float = 0.1
     adapter_init_std: float = 0.02
     numerics: str = "exact"
+    frac_bits: int = DEFAULT_FRAC_BITS
     reversible: bool = True
     output: str = "pretrained"
     train_head: bool = True
@@ -107,39 +137,59 @@ class MEFTConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "MEFTConfig":
+        """Check every field (also after the config was changed in place); returns the config.
+
+        Raises ValueError naming the field, its value and what is allowed.
+        """
         _choice("method", self.method, METHODS)
         _choice("numerics", self.numerics, NUMERICS)
         _choice("capture", self.capture, CAPTURES)
         _choice("output", self.output, OUTPUTS)
         _choice("adapter_activation", self.adapter_activation, ACTIVATIONS)
         for name in ("lam", "beta"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < float(v) <= 1.0):
-                raise ValueError(f"MEFTConfig.{name}={v!r} must be a number in (0, 1] (or None for the paper's value)")
-            if self.numerics == "exact":
-                try:
-                    exponent_of(v, f"MEFTConfig.{name}")
-                except ValueError as e:
-                    raise ValueError(f"{e}; numerics='exact' needs {name} = 2^-k "
-                                     f"(or use numerics='float' for any value)") from None
-        if isinstance(self.adapter_rank, bool) or not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
-            raise ValueError(f"MEFTConfig.adapter_rank={self.adapter_rank!r} must be a positive integer")
-        if not isinstance(self.adapter_dropout, (int, float)) or not (0.0 <= self.adapter_dropout < 1.0):
-            raise ValueError(f"MEFTConfig.adapter_dropout={self.adapter_dropout!r} must be in [0, 1)")
-        if not isinstance(self.adapter_init_std, (int, float)) or not self.adapter_init_std > 0:
-            raise ValueError(f"MEFTConfig.adapter_init_std={self.adapter_init_std!r} must be > 0")
+            self._check_scale(name)
+        _integer("adapter_rank", self.adapter_rank, 1, None)
+        _integer("frac_bits", self.frac_bits, 8, MAX_FRAC_BITS)
+        _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        _number("adapter_init_std", self.adapter_init_std, "a finite number > 0", lambda v: 0.0 < v < math.inf)
         for name in ("reversible", "train_head", "inplace", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False")
+        return self
+
+    def _check_scale(self, name: str) -> None:
+        v = getattr(self, name)
+        if v is None:
+            return
+        _number(name, v, "a number in (0, 1] (or None for the method's default)", lambda x: 0.0 < x <= 1.0)
+        if v < MIN_SCALE:
+            raise ValueError(f"MEFTConfig.{name}={v!r} is below {MIN_SCALE:g} (2^-{MIN_SCALE_K}): the float inverse "
+                             f"would divide by more than 2^{MIN_SCALE_K} per layer (non-finite gradients) and exact "
+                             f"numerics would store more than {MIN_SCALE_K} bits per element per layer; the paper "
+                             f"uses 0.1, exact numerics default to 2^-{EXACT_DEFAULT_K}")
+        if ARITHMETICS[self.numerics].powers_of_two:
+            try:
+                exponent_of(v, f"MEFTConfig.{name}")
+            except ValueError as e:
+                raise ValueError(f"{e}; numerics={self.numerics!r} needs {name} = 2^-k "
+                                 f"(or use numerics='float' for any value)") from None
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The row of the method table for `method`."""
+        return METHODS[self.method]
 
     @property
     def scales(self) -> tuple[float, float, bool]:
         """(λ, β, swap) actually used: the given λ/β, or the method's defaults for the numerics."""
-        lam, beta, swap = PAPER_SCALES[self.method] if self.numerics == "float" else exact_scales(self.method)
+        spec = self.spec
+        pow2 = ARITHMETICS[self.numerics].powers_of_two
+        lam, beta = spec.exact_scales(EXACT_DEFAULT_K) if pow2 else (spec.lam, spec.beta)
         return (float(self.lam) if self.lam is not None else lam,
-                float(self.beta) if self.beta is not None else beta, swap)
+                float(self.beta) if self.beta is not None else beta, spec.swap)
 
     @property
     def exponents(self) -> Optional[tuple[int, int]]:

@@ -1,22 +1,26 @@
-"""The graph passes of meft_fx, in pipeline order. Each is a function of a GraphModule.
+"""The graph passes of meft_fx (installed as `meft_fx.passes`), in pipeline order.
 
-    hoist_shape_queries  → sizes are read from graph inputs
-    dropout_to_modules   → dropout obeys train()/eval()
-    find_residual_units  → (analysis) stacks of x + f(x) sub-blocks on the residual stream
-    group_layers         → (analysis) attention unit(s) + FFN unit = one layer
-    insert_adapters      → paper adapters in every layer
-    build_couplings      → each stack becomes one ReversibleStack call
+    transforms.hoist_shape_queries  → sizes are read from graph inputs
+    transforms.dropout_to_modules   → dropout obeys train()/eval()
+    analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
+    analysis.group_layers           → attention unit(s) + FFN unit = one layer
+    transforms.insert_adapters      → paper adapters in every layer
+    transforms.build_couplings      → each stack becomes one ReversibleStack call
+
+`pipeline.PIPELINE` is the one ordered list; `run_pipeline` runs it (lint, provenance, snapshots).
+`fx` holds the helpers the passes share: ops (op taxonomy), dataflow, provenance, extraction.
 """
-from .blocks import Layer, ResidualUnit, Stack, StreamAnalysis
-from .build_couplings import build_couplings
-from .dropout_to_modules import dropout_to_modules
-from .find_residual_units import find_residual_units
-from .group_layers import group_layers
-from .hoist_shape_queries import hoist_shape_queries
-from .insert_adapters import insert_adapters
+from .analysis.find_residual_units import find_residual_units
+from .analysis.group_layers import group_layers
+from .analysis.records import Layer, ResidualUnit, Stack, StreamAnalysis
+from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, run_pipeline, snapshot
+from .transforms.build_couplings import build_couplings
+from .transforms.dropout_to_modules import dropout_to_modules
+from .transforms.hoist_shape_queries import hoist_shape_queries
+from .transforms.insert_adapters import insert_adapters
 
 __all__ = [
-    "Layer", "ResidualUnit", "Stack", "StreamAnalysis",
-    "hoist_shape_queries", "dropout_to_modules", "find_residual_units", "group_layers",
+    "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
+    "run_pipeline", "snapshot", "hoist_shape_queries", "dropout_to_modules", "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings",
 ]

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/architectures.py and friends
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # architectures.py, helpers.py
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -1,0 +1,521 @@
+"""Activation memory and step time of MEFT against full fine-tuning, LoRA and their usual remedies.
+
+    python -m meft_fx.bench --hidden 384 --depths 6,12,24 --seqs 256,512 --batch 8 --out results/
+
+For every (depth, sequence length) one randomly initialised BertForSequenceClassification (built
+under a fixed seed, dropout on, labels given) and one batch are shared by all methods; each method
+gets a fresh copy of the model. Per method:
+
+    full             full fine-tuning, every parameter trainable
+    lora             peft LoRA, r=8 on attention query/value, task head trainable
+    lora_ckpt        lora + HF gradient checkpointing (non-reentrant)
+    compile_budget0  full fine-tuning under torch.compile with
+                     torch._functorch.config.activation_memory_budget = 0 (maximal recomputation)
+    meft{1,2,3}_{float,exact}   meft_fx.convert(model, MEFTConfig(method=..., numerics=...))
+    meft{1,2,3}_{float,exact}_compiled   the same, then meft_fx.compile (inductor, dynamic shapes);
+                     not part of "all": ask for them by name or as "compiled" (the six)
+
+A step is forward + loss + backward (no optimizer). One untimed step runs first (it compiles /
+captures and creates the .grad buffers), gradients are then zeroed in place, and the next step is
+measured with `meft_fx.memory.measure_step_memory`: activation memory = peak live bytes during the
+step minus the bytes it leaves behind. "saved" is measured separately: the bytes a forward leaves
+alive for its backward. Step time is the median over `--repeats` steps, each
+preceded by an in-place zero of the gradients.
+
+A method that cannot run (meft_fx.convert missing or raising, inductor unavailable, ...) is
+recorded as "unavailable: <reason>" and the benchmark carries on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..memory import MiB, measure_step_memory, median_step_time
+
+BASELINES = ("full", "lora", "lora_ckpt", "compile_budget0")
+MEFT_METHODS = tuple(f"meft{k}_{n}" for k in (1, 2, 3) for n in ("float", "exact"))
+ALL_METHODS = BASELINES + MEFT_METHODS
+COMPILED_METHODS = tuple(f"{m}_compiled" for m in MEFT_METHODS)  # opt-in: not in ALL_METHODS
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+LORA_TARGETS = ["query", "value"]
+LORA_RANK = 8
+SEED = 0
+
+__all__ = ["run_benchmark", "expand_methods", "format_table", "plot_memory", "bert_config", "main", "ALL_METHODS"]
+
+
+class Unavailable(Exception):
+    """A method cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# models and batches
+
+
+def bert_config(hidden: int, depth: int, vocab: int = 30522, max_seq: int = 512, num_labels: int = 2):
+    """BertConfig of the given width and depth: heads = hidden/64 rounded (at least 1, dividing
+    hidden), intermediate = 4·hidden."""
+    from transformers import BertConfig
+
+    heads = max(1, round(hidden / 64))
+    while hidden % heads:
+        heads -= 1
+    return BertConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
+                      intermediate_size=4 * hidden, vocab_size=vocab,
+                      max_position_embeddings=max(512, max_seq), num_labels=num_labels)
+
+
+def build_model(config, dtype: torch.dtype, device, seed: int = SEED):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def make_batch(config, batch: int, seq: int, device, seed: int = SEED) -> dict:
+    g = torch.Generator().manual_seed(seed + 1)
+    return {
+        "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long).to(device),
+        "labels": torch.randint(0, config.num_labels, (batch,), generator=g).to(device),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# methods: each turns a fresh model into (callable, trainable parameters, note)
+
+
+def _lora(model, checkpointing: bool):
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError as e:
+        raise Unavailable(f"peft is not installed ({e})") from e
+    with warnings.catch_warnings():  # transformers 5 deprecation notices for the gradient_checkpointing_* names
+        warnings.simplefilter("ignore", FutureWarning)
+        if checkpointing:
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5: the new name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.1,
+                         target_modules=list(LORA_TARGETS))
+        peft_model = get_peft_model(model, cfg)
+    return peft_model, "LoRA r=8 on query,value; classifier trainable" + (
+        "; gradient checkpointing (non-reentrant)" if checkpointing else "")
+
+
+def _compile(model):
+    try:
+        import torch._functorch.config as functorch_config
+        import torch._inductor  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        raise Unavailable(f"inductor unavailable ({type(e).__name__}: {e})") from e
+    if not hasattr(functorch_config, "activation_memory_budget"):
+        raise Unavailable("torch._functorch.config.activation_memory_budget does not exist in this torch")
+    return torch.compile(model), "full fine-tuning, torch.compile (inductor), activation_memory_budget=0"
+
+
+def _meft(model, method: str, example_inputs: dict):
+    meft, numerics = method.split("_")
+    try:
+        import meft_fx
+        convert, MEFTConfig = meft_fx.convert, meft_fx.MEFTConfig
+    except Exception as e:
+        raise Unavailable(f"meft_fx.convert is not importable ({type(e).__name__}: {e})") from e
+    try:
+        converted = convert(model, MEFTConfig(method=meft, numerics=numerics), example_inputs=dict(example_inputs))
+    except Exception as e:
+        raise Unavailable(f"convert raised {type(e).__name__}: {_short(e)}") from e
+    return converted, f"meft_fx.convert(method={meft!r}, numerics={numerics!r})"
+
+
+def prepare(method: str, model, batch: dict):
+    """(callable model, note) for `method`, built from the fresh `model`."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, "all parameters trainable"
+    if method == "lora":
+        return _lora(model, checkpointing=False)
+    if method == "lora_ckpt":
+        return _lora(model, checkpointing=True)
+    if method == "compile_budget0":
+        return _compile(model)
+    if method in MEFT_METHODS:
+        return _meft(model, method, batch)
+    if method in COMPILED_METHODS:
+        converted, note = _meft(model, method[: -len("_compiled")], batch)
+        import meft_fx
+
+        return meft_fx.compile(converted), note + " + meft_fx.compile (inductor, dynamic shapes)"
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}")
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, what: str):
+    """Raise Unavailable in the main thread if the block runs longer than `seconds` (Unix only)."""
+    usable = (seconds and seconds > 0 and hasattr(signal, "SIGALRM")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise Unavailable(f"{what} exceeded the time limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _method_context(method: str):
+    if method in COMPILED_METHODS:
+        try:
+            yield
+        finally:
+            torch._dynamo.reset()
+    elif method == "compile_budget0":
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=0.0):
+            try:
+                yield
+            finally:
+                torch._dynamo.reset()
+    else:
+        yield
+
+
+def measure_method(method: str, config, batch: dict, dtype, device, repeats: int,
+                   compile_timeout: float | None = 600.0, seed: int = SEED) -> dict:
+    """Build a fresh model, apply `method`, measure one step's memory and the median step time."""
+    row = {"method": method, "status": "ok", "note": ""}
+    model = runner = None
+    try:
+        with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" or method in COMPILED_METHODS else None,
+                                                      method):
+            model = build_model(config, dtype, device, seed)
+            try:
+                runner, note = prepare(method, model, batch)
+            except Unavailable:
+                raise
+            except Exception as e:
+                raise Unavailable(f"{method} could not be set up: {type(e).__name__}: {_short(e)}") from e
+            row["note"] = note
+            params = [p for p in runner.parameters() if p.requires_grad]
+            row["trainable_params"] = int(sum(p.numel() for p in params))
+            if not params:
+                raise Unavailable("no trainable parameters")
+
+            def step():
+                out = runner(**batch)
+                out.loss.backward()
+
+            def zero():
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.zero_()
+
+            def timed_step():
+                zero()
+                step()
+
+            try:
+                torch.manual_seed(seed)
+                step()  # warm-up: compiles / captures, creates the .grad buffers
+            except Exception as e:
+                raise Unavailable(f"the training step raised {type(e).__name__}: {_short(e)}") from e
+            with_grad = sum(1 for p in params if p.grad is not None)
+            if with_grad == 0:
+                raise Unavailable("backward produced no gradient for any trainable parameter")
+            row["params_with_grad"] = f"{with_grad}/{len(params)}"
+            zero()
+            torch.manual_seed(seed)
+            mem = measure_step_memory(step, device)
+            row.update(activation_mib=mem.activation_bytes / MiB, peak_mib=mem.peak_bytes / MiB,
+                       retained_mib=mem.retained_bytes / MiB)
+            # What the forward leaves for the backward: live bytes between the two (loss kept alive).
+            zero()
+            kept: list = []
+            torch.manual_seed(seed)
+            fwd = measure_step_memory(lambda: kept.append(runner(**batch).loss), device)
+            kept[0].backward()
+            kept.clear()
+            row["saved_mib"] = fwd.retained_bytes / MiB
+            row["step_s"] = median_step_time(timed_step, warmup=0, repeats=repeats, device=device)
+    except Unavailable as e:
+        row["status"] = f"unavailable: {e}"
+    except Exception as e:  # a method must not take the whole benchmark down
+        row["status"] = f"unavailable: {type(e).__name__}: {_short(e)}"
+    finally:
+        del model, runner
+        gc.collect()
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def expand_methods(methods: str | Iterable[str] | None) -> list[str]:
+    """'all' / None -> every method; 'meft' -> the six MEFT rows; 'meft3' -> meft3_float, meft3_exact."""
+    if methods is None:
+        return list(ALL_METHODS)
+    if isinstance(methods, str):
+        methods = [m for m in methods.split(",")]
+    out: list[str] = []
+    for m in (m.strip() for m in methods):
+        if not m:
+            continue
+        if m == "all":
+            names = list(ALL_METHODS)
+        elif m == "meft":
+            names = list(MEFT_METHODS)
+        elif m in ("meft1", "meft2", "meft3"):
+            names = [f"{m}_float", f"{m}_exact"]
+        elif m == "compiled":
+            names = list(COMPILED_METHODS)
+        elif m in ALL_METHODS or m in COMPILED_METHODS:
+            names = [m]
+        else:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}, "
+                             f"meft, meft1..3, compiled, all")
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+def _progress(total: int):
+    """(write(line), advance(), close()) on stderr: tqdm if installed, plain lines otherwise."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, file=sys.stderr, desc="meft_fx.bench", leave=False, dynamic_ncols=True)
+        return bar.write, (lambda: bar.update(1)), bar.close
+    return (lambda line: print(line, file=sys.stderr, flush=True)), (lambda: None), (lambda: None)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Per (depth, seq): activation ratios to full / lora / lora_ckpt and time ratio to lora."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["depth"], r["seq"]), {})[r["method"]] = r
+    for r in rows:
+        group = groups[(r["depth"], r["seq"])]
+        for key, base in (("ratio_full", "full"), ("ratio_lora", "lora"), ("ratio_lora_ckpt", "lora_ckpt")):
+            b = group.get(base)
+            ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b["activation_mib"] > 0
+            r[key] = r["activation_mib"] / b["activation_mib"] if ok else None
+        b = group.get("lora")
+        ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b["step_s"] > 0
+        r["time_ratio_lora"] = r["step_s"] / b["step_s"] if ok else None
+    return rows
+
+
+def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch: int, dtype="float32",
+                  device="cpu", methods=None, repeats: int = 3, out: str | os.PathLike | None = None, *,
+                  vocab: int = 30522, seed: int = SEED, compile_timeout: float | None = 600.0,
+                  progress: bool = True) -> list[dict]:
+    """Run every method at every (depth, seq); return one dict per measurement.
+
+    Each row: hidden, depth, seq, batch, dtype, device, method, status ("ok" or "unavailable: ..."),
+    note, trainable_params, and when ok activation_mib, peak_mib, retained_mib, saved_mib (live bytes
+    between forward and backward), step_s, ratio_full,
+    ratio_lora, ratio_lora_ckpt, time_ratio_lora (None where the base method is missing).
+    With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    device = torch.device(device)
+    methods = expand_methods(methods)
+    depths, seqs = [int(d) for d in depths], [int(s) for s in seqs]
+    rows: list[dict] = []
+    write, advance, close = _progress(len(depths) * len(seqs) * len(methods)) if progress else (
+        lambda line: None, lambda: None, lambda: None)
+    t_start = time.perf_counter()
+    try:
+        for depth in depths:
+            for seq in seqs:
+                config = bert_config(hidden, depth, vocab, max_seq=seq)
+                inputs = make_batch(config, batch, seq, device, seed)
+                for method in methods:
+                    t0 = time.perf_counter()
+                    row = {"hidden": hidden, "heads": config.num_attention_heads, "depth": depth, "seq": seq,
+                           "batch": batch, "dtype": dtype_name, "device": str(device)}
+                    row.update(measure_method(method, config, inputs, torch_dtype, device, repeats,
+                                              compile_timeout=compile_timeout, seed=seed))
+                    row["elapsed_s"] = time.perf_counter() - t0
+                    rows.append(row)
+                    what = (f"{row['activation_mib']:.2f} MiB, {row['step_s']:.3f} s/step" if row["status"] == "ok"
+                            else row["status"][:120])
+                    write(f"[{time.perf_counter() - t_start:7.1f}s] depth={depth} seq={seq} {method:<16} "
+                          f"{row['elapsed_s']:6.1f}s  {what}")
+                    advance()
+                    gc.collect()
+                del inputs
+    finally:
+        close()
+    add_ratios(rows)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.md"), "w") as f:
+            f.write(format_report(rows))
+        with open(os.path.join(out, "bench.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        plot_memory(rows, os.path.join(out, "bench_memory.png"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table, one line per (depth, seq, method)."""
+    lines = ["| depth | seq | method | activation MiB | × full | × LoRA | × LoRA+ckpt | saved MiB | step s "
+             "| time × LoRA | trainable | note |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["depth"], r["seq"])):
+        ok = r["status"] == "ok"
+        note = r.get("note", "") if ok else r["status"]
+        note = note.replace("|", "\\|")
+        lines.append("| " + " | ".join([
+            str(r["depth"]), str(r["seq"]), r["method"],
+            _fmt(r.get("activation_mib") if ok else None, ".2f"),
+            _fmt(r.get("ratio_full"), ".3f"), _fmt(r.get("ratio_lora"), ".3f"), _fmt(r.get("ratio_lora_ckpt"), ".3f"),
+            _fmt(r.get("saved_mib") if ok else None, ".2f"),
+            _fmt(r.get("step_s") if ok else None, ".3f"), _fmt(r.get("time_ratio_lora"), ".2f"),
+            _fmt(r.get("trainable_params"), ","), note]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_report(rows: list[dict]) -> str:
+    if not rows:
+        return "# meft_fx.bench\n\n(no rows)\n"
+    r0 = rows[0]
+    head = [
+        "# meft_fx.bench: activation memory and step time",
+        "",
+        f"BertForSequenceClassification, random init, hidden {r0['hidden']}, heads {r0['heads']}, "
+        f"intermediate {4 * r0['hidden']}, batch {r0['batch']}, {r0['dtype']} on {r0['device']}, dropout on; "
+        f"torch {torch.__version__}.",
+        "",
+        "Activation memory = peak live tensor bytes during one forward+backward step minus the bytes the step "
+        "leaves behind, measured after a warm-up step with gradients zeroed in place (so .grad buffers, "
+        "parameters and inputs are not counted). Ratios are per (depth, seq). Step time: median of forward + "
+        "backward (no optimizer). For full fine-tuning the peak includes transient gradient temporaries "
+        "(notably the dense vocab × hidden embedding gradient before it is added into .grad). "
+        "Saved MiB: bytes the forward leaves alive for the backward (measured separately); a method can save "
+        "little and still peak high if its backward recomputes everything at once.",
+        "",
+        "",
+    ]
+    return "\n".join(head) + format_table(rows)
+
+
+def plot_memory(rows: list[dict], path: str) -> str | None:
+    """Activation MiB vs depth, one line per method, one subplot per sequence length. Returns the
+    path, or None (with a note on stderr) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("meft_fx.bench: matplotlib is not installed; no plot written", file=sys.stderr)
+        return None
+    seqs = sorted({r["seq"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(seqs)), figsize=(5.5 * max(1, len(seqs)), 4.2), squeeze=False)
+    for ax, seq in zip(axes[0], seqs):
+        for method in methods:
+            pts = sorted((r["depth"], r["activation_mib"]) for r in rows
+                         if r["seq"] == seq and r["method"] == method and r["status"] == "ok")
+            if pts:
+                style = "-o" if method.startswith("meft") else "--s"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method, markersize=4)
+        ax.set_title(f"seq {seq}")
+        ax.set_xlabel("depth (layers)")
+        ax.set_ylabel("activation memory (MiB)")
+        ax.set_xticks(sorted({r["depth"] for r in rows}))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if rows:
+        r0 = rows[0]
+        fig.suptitle(f"BERT hidden {r0['hidden']}, batch {r0['batch']}, {r0['dtype']}, {r0['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--depths", type=_ints, default=[6, 12, 24], help="comma-separated, e.g. 6,12,24")
+    p.add_argument("--seqs", type=_ints, default=[256, 512], help="comma-separated, e.g. 256,512")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated from {', '.join(ALL_METHODS)}; also 'meft', 'meft1'..'meft3', 'all', "
+                        f"and (not in 'all') {', '.join(COMPILED_METHODS)} or 'compiled'")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--compile-timeout", type=float, default=600.0,
+                   help="seconds before compile_budget0 is given up (0: no limit)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="directory for bench.md, bench.json and bench_memory.png")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,
+                         expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
+                         compile_timeout=args.compile_timeout or None)
+    sys.stdout.write(format_report(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Capture: turn a module and example inputs into a GraphModule (torch.export or torch.fx)."""
+from __future__ import annotations
+
+import os
+import re
+import traceback
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
+from .call_spec import CallSpec
+
+
+def _dynamic_spec(x):
+    if isinstance(x, torch.Tensor):
+        # Size-1 dimensions (e.g. the head axis of a [B, 1, T, T] mask) stay static: broadcasting needs them.
+        return {i: Dim.AUTO for i in range(x.dim()) if x.shape[i] != 1} or None
+    return None
+
+
+class _FlatCall(torch.nn.Module):
+    """Calls `mod` with a fixed call structure; its forward takes only the tensors, positionally."""
+
+    def __init__(self, mod: torch.nn.Module, spec: CallSpec):
+        super().__init__()
+        self.mod = mod
+        self.spec = spec
+
+    def call(self, *tensors):
+        args, kwargs = self.spec.unflatten(tensors)
+        return self.mod(*args, **kwargs)
+
+
+def _flat_module(module, spec: CallSpec) -> torch.nn.Module:
+    names = ", ".join(spec.names)
+    ns: dict = {}
+    exec(f"def forward(self{', ' if names else ''}{names}):\n    return self.call({names})\n", ns)
+    cls = type(f"{type(module).__name__}Call", (_FlatCall,), {"forward": ns["forward"]})
+    return cls(module, spec)
+
+
+def _export(flat, tensors) -> fx.GraphModule:
+    shapes = tuple(_dynamic_spec(t) for t in tensors)
+    with torch.random.fork_rng():
+        ep = torch.export.export(flat, tuple(tensors), dynamic_shapes=shapes, strict=False)
+    exported = ep.module()
+    # A plain GraphModule: the exported-program module refuses train()/eval().
+    return fx.GraphModule(exported, exported.graph, class_name=type(flat.mod).__name__ + "Graph")
+
+
+def _fx(flat, tensors) -> fx.GraphModule:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = fx.symbolic_trace(flat)
+    with torch.random.fork_rng(), torch.no_grad():
+        ShapeProp(gm).propagate(*tensors)
+    return gm
+
+
+def capture(module: torch.nn.Module, args: tuple, kwargs: dict, mode: str = "auto"):
+    """Trace `module(*args, **kwargs)`; return (GraphModule taking the call's tensors, CallSpec).
+
+    The GraphModule shares the module's parameters. mode "export": torch.export (non-strict, every
+    tensor dimension dynamic where the program allows, train mode kept). "fx":
+    torch.fx.symbolic_trace plus shape propagation. "auto": export, then fx.
+    """
+    spec = CallSpec(args, kwargs)
+    flat = _flat_module(module, spec)
+    tensors = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(x, torch.Tensor)]
+    tried = []
+    order = {"auto": ("export", "fx"), "export": ("export",), "fx": ("fx",)}[mode]
+    for how in order:
+        try:
+            gm = _export(flat, tensors) if how == "export" else _fx(flat, tensors)
+            gm.meta = {"meft_pass": f"capture ({'torch.export' if how == 'export' else 'torch.fx'})"}
+            return gm, spec
+        except Exception as e:  # noqa: BLE001 - report every tracer's failure together
+            msg = str(e).strip().splitlines()
+            head = msg[0] if msg else type(e).__name__
+            where = _culprit(e)
+            tried.append(f"{'torch.export.export(strict=False)' if how == 'export' else 'torch.fx.symbolic_trace'} failed: "
+                         f"{type(e).__name__}: {head[:400]}" + (f"\n    at {where}" if where else ""))
+    raise CaptureError(
+        f"[capture] could not trace {type(module).__name__}{spec.describe()}. What to try: pass example_inputs= that the model's "
+        f"forward accepts (keyword dict or positional tuple); avoid Python control flow that depends on tensor values; "
+        f"for a transformers decoder set use_cache=False; or choose MEFTConfig(capture='export'|'fx') to see one tracer's error",
+        tried)
+
+
+_RAISED_AT = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _culprit(e: BaseException) -> str:
+    """`file:line in function: code` of the model's source line the tracer failed on ("" if unknown)."""
+    m = _RAISED_AT.search(str(e))
+    if m:
+        return f"{m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
+    if frames:
+        f = frames[-1]
+        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return ""

@@ -1,0 +1,243 @@
+"""`convert`: validate → copy → capture → run the pipeline → install. The one entry point of meft_fx.
+
+The whole model is captured once and analysed (the pipeline up to `group_layers`) to find which
+source modules own a transformer stack; each owner is then captured alone, rewritten by the whole
+pipeline and replaced by a `ConvertedModule`, so the outer model object (heads, loss, `generate`,
+the HF Trainer) is unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import CallSpec, capture, is_transformers_model, normalize_inputs
+from .compilation import compile_like
+from .config import MEFTConfig
+from .errors import ConversionError
+from .nn.adapter import Adapter
+from .passes import run_pipeline
+from .progress import Progress
+from .runtime import ReversibleStack
+
+
+def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, adapters: dict, progress, what: str):
+    """(rewritten GraphModule, CallSpec, analysis) of `module(*args, **kwargs)`; ConversionError if no stack.
+
+    The module is traced in train mode (dropout stays in the graph); `gm.meft_programs` holds the
+    pipeline's snapshots. `adapters` is the registry shared by every capture of the module.
+    """
+    with _train_mode(module):
+        gm, spec = capture(module, args, kwargs, config.capture)
+    result = run_pipeline(gm, config, adapters, progress=progress)
+    if not result.analysis.stacks:
+        raise ConversionError(f"{what}: no transformer layer to rewrite when capturing {spec.describe()} (looked "
+                              f"for residual sub-blocks x + f(x), grouped as attention + FFN)", result.analysis.rejected)
+    result.gm.meft_programs = result.programs
+    return result.gm, spec, result.analysis
+
+
+class ConvertedModule(nn.Module):
+    """Stands in for the module that held a transformer stack; called exactly like it.
+
+    It runs the rewritten graph captured for the call's structure (which arguments are tensors or
+    None, flags). A call with a new structure (say, a padding mask where the first call had none)
+    is captured and rewritten once more, reusing the same adapters and pretrained parameters,
+    like torch.compile recompiling on a guard failure.
+    """
+
+    def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
+                 unmatched: list, owner: str):
+        super().__init__()
+        self.graph_module = gm
+        self.original_class = type(original).__name__
+        self.owner = owner
+        self.meft_unmatched = list(unmatched)
+        self.__dict__["_original"] = original
+        self.__dict__["_variants"] = {spec.key: gm}
+        self.__dict__["_config"] = config
+        self.__dict__["_adapters"] = adapters
+
+    def __getattr__(self, name: str):
+        # Attributes of the original module (embeddings, config, helper methods) stay reachable.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    @property
+    def variants(self) -> int:
+        """How many call structures have been captured."""
+        return len(self._variants)
+
+    @property
+    def graph_modules(self) -> list:
+        """The rewritten GraphModule of every captured call structure, the first (main) one first."""
+        main = self.graph_module
+        return [main] + [g for g in self._variants.values() if g is not main]
+
+    @property
+    def original(self) -> nn.Module:
+        """The module this one replaced (its parameters are shared with the rewritten graphs)."""
+        return self._original
+
+    @property
+    def config(self) -> MEFTConfig:
+        return self._config
+
+    def forward(self, *args, **kwargs):
+        tensors, key = CallSpec.flatten(args, kwargs)
+        gm = self._variants.get(key)
+        if gm is None:
+            gm = self._recapture(args, kwargs, key)
+        if gm is not self.graph_module and gm.training != self.training:
+            gm.train(self.training)
+        return gm(*tensors)
+
+    @torch._disable_dynamo  # under torch.compile: capture eagerly, behind a graph break
+    def _recapture(self, args, kwargs, key):
+        progress = Progress(self._config.verbose)
+        what = self.owner or self.original_class
+        progress(f"{what}: new call structure, capturing again")
+        gm, _, _ = capture_and_rewrite(self._original, args, kwargs, self._config, self._adapters, progress,
+                                       f"{what} (called with a new argument structure)")
+        trainable = {id(p) for p in self.graph_module.parameters() if p.requires_grad}
+        for p in gm.parameters():
+            p.requires_grad_(id(p) in trainable)
+        compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
+        self._variants[key] = gm
+        return gm
+
+
+@contextlib.contextmanager
+def _train_mode(module: nn.Module):
+    mode = module.training
+    module.train()
+    try:
+        yield
+    finally:
+        module.train(mode)
+
+
+def _record_calls(model: nn.Module, paths, args, kwargs) -> dict:
+    """{path: (args, kwargs)} of the first call of each submodule at `paths` in one no-grad forward."""
+    seen, hooks = {}, []
+    for p in paths:
+        def hook(mod, a, k, p=p):
+            seen.setdefault(p, (a, k))
+        hooks.append(model.get_submodule(p).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _freeze(model: nn.Module, config: MEFTConfig) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, Adapter):
+            m.requires_grad_(True)
+    base = getattr(model, "base_model", None)
+    if config.train_head and isinstance(base, nn.Module) and base is not model:
+        frozen = {id(p) for p in base.parameters()}
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(out_emb, nn.Module):
+            frozen |= {id(p) for p in out_emb.parameters()}
+        for p in model.parameters():
+            if id(p) not in frozen:
+                p.requires_grad_(True)
+
+
+def _find_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> tuple[list, list]:
+    """(owner module paths, rejection reasons): the smallest modules that hold a stack ("" = the model)."""
+    progress(f"capturing {type(target).__name__}")
+    with _train_mode(target):
+        full, _ = capture(target, args, kwargs, config.capture)
+    analysis = run_pipeline(full, until="group_layers", progress=progress).analysis
+    if not analysis.stacks:
+        raise ConversionError(f"{type(target).__name__}: no transformer layer to rewrite (looked for residual "
+                              f"sub-blocks x + f(x), grouped as attention + FFN)", analysis.rejected)
+    owners = list(dict.fromkeys(st.owner for st in analysis.stacks))
+    # A module that contains another owner is rewritten as a whole.
+    owners = [o for o in owners if not any(o != p and (p == "" or o.startswith(p + ".")) for p in owners)]
+    progress(f"found {sum(len(s.layers) for s in analysis.stacks)} layers in "
+             f"{', '.join(o or type(target).__name__ for o in owners)}")
+    return owners, analysis.rejected
+
+
+def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> nn.Module:
+    """Replace every owner of a stack in `target` by its ConvertedModule; returns the converted model."""
+    owners, rejected = _find_owners(target, args, kwargs, config, progress)
+    calls = _record_calls(target, [o for o in owners if o], args, kwargs) if any(owners) else {}
+    out = target
+    for owner in owners:
+        if owner and owner not in calls:
+            raise ConversionError(f"{owner} was found in the graph but was not called during the example forward")
+        module = target.get_submodule(owner) if owner else target
+        a, k = calls[owner] if owner else (args, kwargs)
+        progress(f"capturing {owner or type(module).__name__} ({type(module).__name__})")
+        adapters: dict = {}
+        gm, spec, _ = capture_and_rewrite(module, a, k, config, adapters, progress, owner or type(module).__name__)
+        conv = ConvertedModule(module, gm, spec, config, adapters, rejected, owner)
+        if owner:
+            _set_submodule(target, owner, conv)
+        else:
+            out = conv
+    return out
+
+
+def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_inputs=None) -> nn.Module:
+    """Rewrite `model` so that its transformer layers run as MEFT reversible couplings.
+
+    Args:
+        model: any module torch.export (or torch.fx) can trace; transformers models need no inputs.
+        config: a `MEFTConfig` (default: `MEFTConfig()`, MEFT3 reversible, exact numerics).
+        example_inputs: keyword arguments (dict) or positional arguments (tuple) for one forward call;
+            for transformers models None uses the model's dummy inputs. Batch size and sequence
+            length are traced as dynamic, so the result accepts other sizes.
+
+    Returns the converted model, called exactly like the original (same arguments, same output
+    class, `.loss` when labels are given). Only adapters (and a task head, see
+    `MEFTConfig.train_head`) require grad. Unless `config.inplace`, `model` itself is not changed.
+
+    Raises:
+        ConversionError: no transformer layer could be rewritten (with the reason per candidate),
+            or the model could not be traced (`CaptureError`, with each tracer's error).
+        ValueError / TypeError: bad config or inputs.
+    """
+    config = MEFTConfig() if config is None else config
+    if not isinstance(config, MEFTConfig):
+        raise TypeError(f"config must be a meft_fx.MEFTConfig, got {type(config).__name__}")
+    config.validate()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    progress = Progress(config.verbose)
+    target = model if config.inplace else copy.deepcopy(model)
+    if is_transformers_model(target) and hasattr(target.config, "use_cache"):
+        target.config.use_cache = False
+    args, kwargs = normalize_inputs(target, example_inputs)
+    was_training = target.training
+    out = _convert_owners(target, args, kwargs, config, progress)
+    _freeze(out, config)
+    out.meft_config = config
+    out.train(was_training)
+    n_train = sum(p.numel() for p in out.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in out.parameters())
+    progress(f"done: {sum(isinstance(m, ReversibleStack) for m in out.modules())} reversible stack(s); "
+             f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)")
+    return out

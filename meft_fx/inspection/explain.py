@@ -1,0 +1,313 @@
+"""`explain`: what a conversion rewrote, and why it left other regions alone.
+
+Activation memory per coupling (`CouplingInfo.activation_bytes_saved_per_token`) is measured, not
+modelled: each coupling's F and G run once, in training mode and with grad enabled, on a small
+probe input under `torch.autograd.graph.saved_tensors_hooks`, and the bytes of every distinct
+tensor storage autograd saves for backward are added up — what ordinary autograd would cache for
+that coupling during fine-tuning (pretrained weights frozen, adapters trainable). Parameters,
+buffers and the stack's context inputs (masks, sizes, rotary tables: held by the caller anyway)
+are not counted. The probe input is built from the shapes recorded at capture (a symbolic batch
+or sequence size takes the value it had in the example inputs), and the probe streams flow
+through the couplings in order, so every coupling sees realistic inputs. The result is divided by
+the number of tokens of the probe (every dimension of the stream but the last) and the reversible
+runtime's own cache is subtracted: it keeps the two top streams per stack (2 · hidden size ·
+element size bytes per token, shared among the stack's couplings; with exact numerics the streams
+are int64, 8 bytes per element, and each coupling also keeps k1 + k2 remainder bits per element
+for λ = 2^-k1, β = 2^-k2). RNG states kept for dropout replay (and exact numerics' checksums) are
+a few KB per coupling whatever the batch, so they are not per-token and not counted. With
+`MEFTConfig(reversible=False)` the runtime is ordinary autograd and nothing is saved. Attention
+scores grow with sequence length, so the per-token figure holds for the sequence length of the
+example inputs the model was captured with.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn.adapter import Adapter
+from ..passes.fx.dataflow import node_value
+from ..runtime import ReversibleStack
+from ..runtime.arithmetic import scaled_add
+
+
+@dataclass
+class CouplingInfo:
+    """One reversible coupling: which source blocks became F and G, with its scales.
+
+    `activation_bytes_saved_per_token` is what ordinary autograd would cache for this coupling's
+    F and G per token minus what the reversible runtime keeps (see the module docstring for the
+    method); None when it was not estimated. `autograd_bytes_per_token` and `kept_bytes_per_token`
+    are the two terms.
+    """
+
+    index: int
+    stack: str              # module path of the ReversibleStack
+    layer: str              # source module path of the transformer layer
+    F: list                 # [(source module path, kind)], kind in attention / ffn / adapter
+    G: list
+    lam: float
+    beta: float
+    swap: bool
+    numerics: str
+    adapters: dict = field(default_factory=dict)   # {"F": [adapter module names], "G": [...]}
+    activation_bytes_saved_per_token: float | None = None
+    autograd_bytes_per_token: float | None = None
+    kept_bytes_per_token: float | None = None
+
+
+@dataclass
+class Explanation:
+    """Report returned by `meft_fx.explain`. `str()` is a readable table.
+
+    `couplings`: one `CouplingInfo` per coupling, bottom to top. `unmatched`: one line per region
+    the analysis looked at and did not rewrite, each with the reason (and the pass that decided).
+    """
+
+    couplings: list = field(default_factory=list)
+    unmatched: list = field(default_factory=list)
+    method: str = ""
+    memory_note: str = ""
+
+    @property
+    def activation_bytes_saved_per_token(self) -> float | None:
+        """Sum over couplings (None when not estimated)."""
+        vals = [c.activation_bytes_saved_per_token for c in self.couplings]
+        return None if not vals or any(v is None for v in vals) else float(sum(vals))
+
+    def __str__(self) -> str:
+        def blocks(bs, layer):
+            out = []
+            for m, k in bs:
+                if k == "adapter":
+                    out.append(m if m and m != "adapter" else "adapter")  # e.g. "none (...)": adds nothing
+                    continue
+                rel = m[len(layer) + 1:] if layer and m.startswith(layer + ".") else (m or "?")
+                out.append(f"{rel} [{k}]")
+            s = " + ".join(out)
+            return s + " + adapter" if any(k != "adapter" for _, k in bs) else s
+
+        numerics = sorted({c.numerics for c in self.couplings})
+        lines = [f"meft_fx: {len(self.couplings)} reversible coupling(s), method {self.method}, "
+                 f"numerics {'/'.join(numerics) or '?'}"]
+        rows = [("#", "layer", "F", "G", "λ", "β", "swap", "saved/token")]
+        for c in self.couplings:
+            rows.append((str(c.index), c.layer or "?", blocks(c.F, c.layer), blocks(c.G, c.layer), f"{c.lam:g}", f"{c.beta:g}",
+                         "yes" if c.swap else "no", format_bytes(c.activation_bytes_saved_per_token)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for j, r in enumerate(rows):
+            lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        total = self.activation_bytes_saved_per_token
+        if total is not None:
+            cached = sum(c.autograd_bytes_per_token for c in self.couplings)
+            kept = sum(c.kept_bytes_per_token for c in self.couplings)
+            pct = f" ({100 * total / cached:.0f}%)" if cached else ""
+            lines.append(f"activations per token: autograd would cache {format_bytes(cached)}, the reversible runtime keeps "
+                         f"{format_bytes(kept)}: saves {format_bytes(total)}{pct}")
+        elif self.memory_note:
+            lines.append(f"activations per token: not estimated ({self.memory_note})")
+        if self.unmatched:
+            lines.append("not rewritten:")
+            lines.extend(f"  - {u}" for u in self.unmatched)
+        return "\n".join(lines)
+
+
+def format_bytes(n) -> str:
+    """"123 B", "4.5 KiB", "6.7 MiB" ... ("?" for None)."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
+    """Describe the couplings in a module returned by `meft_fx.convert`.
+
+    With `estimate_memory` (default), F and G of every coupling run once on a small probe input to
+    measure the activation bytes per token the reversible runtime saves (see this module's
+    docstring); this takes about as long as one small forward.
+
+    Raises ValueError if the module holds no reversible stack (was it converted?).
+    """
+    rep = Explanation(method=getattr(getattr(module, "meft_config", None), "method", ""))
+    i = 0
+    owners = {}
+    stacks = []
+    for name, m in module.named_modules():
+        if hasattr(m, "meft_unmatched"):
+            rep.unmatched.extend(u for u in m.meft_unmatched if u not in rep.unmatched)
+            owners[name] = getattr(m, "owner", "")
+        if not isinstance(m, ReversibleStack):
+            continue
+        holder = max((k for k in owners if name.startswith(k + ".") or k == ""), key=len, default=None)
+        prefix = owners.get(holder, "") if holder is not None else ""
+
+        def full(path, prefix=prefix):
+            return f"{prefix}.{path}" if prefix and path and path != "adapter" else (path or prefix)
+
+        rep.method = rep.method or m.record.method
+        infos = []
+        for c in m.couplings:
+            info = CouplingInfo(index=i, stack=name, layer=full(c.record.layer),
+                                F=[(full(p) if k != "adapter" else p, k) for p, k in c.record.F],
+                                G=[(full(p) if k != "adapter" else p, k) for p, k in c.record.G], lam=c.lam, beta=c.beta,
+                                swap=c.swap, numerics=m.numerics,
+                                adapters={"F": adapter_names(c.F), "G": adapter_names(c.G)})
+            rep.couplings.append(info)
+            infos.append(info)
+            i += 1
+        stacks.append((name, m, infos))
+    if not rep.couplings:
+        raise ValueError(f"{type(module).__name__} has no reversible coupling; was it returned by meft_fx.convert?")
+    if estimate_memory:
+        notes = []
+        for name, stack, infos in stacks:
+            try:
+                x, context = probe_inputs(module, name)
+                measure_activation_bytes(stack, x, context, infos)
+            except Exception as e:  # noqa: BLE001 - the estimate is best effort; the report says why
+                notes.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        rep.memory_note = "; ".join(notes)
+    return rep
+
+
+def adapter_names(mod: nn.Module) -> list:
+    """Names of the MEFT adapters inside F or G (`meft_adapter_*` modules)."""
+    return [n for n, m in mod.named_modules() if isinstance(m, Adapter)]
+
+
+# ----------------------------------------------------------------------------- the probe
+
+def _hint(d) -> int:
+    if isinstance(d, torch.SymInt):
+        h = getattr(d.node, "hint", None)
+        if h is None:
+            raise ValueError(f"size {d} has no example value")
+        return int(h)
+    return int(d)
+
+
+def _materialize(v, device):
+    """A concrete value like the (fake) value `v` recorded at capture."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, torch.SymInt):
+        return _hint(v)
+    shape, dtype = getattr(v, "shape", None), getattr(v, "dtype", None)  # tensors, fake tensors, TensorMetadata
+    if shape is None or dtype is None:
+        if isinstance(v, (tuple, list)):
+            return type(v)(_materialize(x, device) for x in v)
+        raise ValueError(f"cannot build a probe value like {type(v).__name__}")
+    shape = [_hint(d) for d in shape]
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=gen).to(dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def probe_inputs(module: nn.Module, stack_path: str):
+    """(stream, context) like those the stack at `stack_path` was called with at capture.
+
+    Built from the call node's recorded values in the GraphModule that owns the stack.
+    """
+    parent_path, _, child = stack_path.rpartition(".")
+    parent = module.get_submodule(parent_path) if parent_path else module
+    graph = getattr(parent, "graph", None)
+    if graph is None:
+        raise ValueError("the stack is not called from a graph")
+    stack = parent.get_submodule(child)
+    try:
+        device = next(stack.parameters()).device
+    except StopIteration:  # pragma: no cover
+        device = torch.device("cpu")
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target == child:
+            vals = []
+            for a in n.args:
+                if isinstance(a, torch.fx.Node):
+                    v = node_value(a)
+                    if v is None:
+                        raise ValueError(f"no recorded value for {a.name}")
+                    vals.append(_materialize(v, device))
+                else:
+                    vals.append(a)
+            return vals[0], tuple(vals[1:])
+    raise ValueError(f"no call of {child} in the graph")
+
+
+@contextlib.contextmanager
+def _train_mode(mod: nn.Module):
+    modes = [(m, m.training) for m in mod.modules()]
+    mod.train()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _saved_bytes(fn, exclude: set) -> int:
+    """Bytes of distinct tensor storages autograd saves while running `fn` (minus `exclude`)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            s = t.untyped_storage()
+            key = (s.data_ptr(), str(t.device))
+            if key not in exclude:
+                seen[key] = s.nbytes()
+        except Exception:  # noqa: BLE001 - tensors without storage (wrappers) count their elements
+            seen[("id", id(t))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _storage_keys(tensors) -> set:
+    keys = set()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            try:
+                keys.add((t.untyped_storage().data_ptr(), str(t.device)))
+            except Exception:  # noqa: BLE001
+                pass
+    return keys
+
+
+def measure_activation_bytes(stack: ReversibleStack, x: torch.Tensor, context: tuple, infos: list) -> None:
+    """Fill the memory fields of `infos` (one per coupling of `stack`) by running the probe."""
+    tokens = max(1, x.numel() // max(1, x.shape[-1]))
+    dim = x.shape[-1]
+    n = max(1, len(stack.couplings))
+    exclude = _storage_keys([*stack.parameters(), *stack.buffers(), *context])
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), _train_mode(stack), torch.enable_grad():
+        h1 = h2 = x
+        for c, info in zip(stack.couplings, infos):
+            a = h1.detach().requires_grad_(True)
+            b = h2.detach().requires_grad_(True)
+
+            def run(c=c, a=a, b=b):
+                y1 = scaled_add(a, c.lam, c.f(b, context))
+                return y1, scaled_add(b, c.beta, c.g(y1, context))
+
+            nbytes, (y1, y2) = _saved_bytes(run, exclude)
+            h1, h2 = (y2, y1) if c.swap else (y1, y2)
+            autograd = nbytes / tokens
+            arith = stack.arithmetic  # two top streams per stack + the residue bits per element per coupling
+            kept = autograd if not stack.reversible else \
+                2 * dim * arith.stream_itemsize(x.dtype) / n + (arith.residue_bits(c.lam) + arith.residue_bits(c.beta)) * dim / 8
+            info.autograd_bytes_per_token = autograd
+            info.kept_bytes_per_token = kept
+            info.activation_bytes_saved_per_token = autograd - kept

@@ -1,0 +1,6 @@
+"""The modules meft_fx puts into a model: adapters, dropout drawn with torch.rand, chunked attention.
+
+    adapter     Adapter (Linear d→r → act → dropout → Linear r→d), AdapterOnly, NoUpdate
+    dropout     Dropout / keep_mask / apply_mask
+    attention   AttentionWithDropout / chunked_attention
+"""

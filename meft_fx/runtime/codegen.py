@@ -1,0 +1,172 @@
+"""The programs of one coupling, generated as torch.fx GraphModules for a stream arithmetic.
+
+    forward   (x1, x2, tape, *context) -> (y1, y2, r1, r2)             run by the stack's forward
+    inverse   (y1, y2, r1, r2, *context) -> (x1, x2)                   rebuilds the inputs (by hand)
+    backward  (y1, y2, r1, r2, dy1, dy2, tape, *context) -> (x1, x2, dx1, dx2)
+              (streams in stream order: a swapping coupling's programs take (y2, y1, ...))
+              the inverse with F and G called through `replay_vjp`     run by the stack's backward
+
+r1, r2 are the residues the arithmetic keeps (None for float streams); outputs are in stream
+order, swapped after the coupling for MEFT1/2. F and G are submodules of every program (the
+coupling's own modules), so a compiled F/G serves all three. The backward is the inverse
+program's equations fused with F's and G's vector-Jacobian products:
+
+    G(y1) recomputed, Gᵀdy2 back-propagated → x2 = restore(y2, G(y1), r2, β), dy1 += Gᵀdy2
+    F(x2) recomputed, Fᵀdy1 back-propagated → x1 = restore(y1, F(x2), r1, λ)
+    dx1 = λ·dy1,  dx2 = β·dy2 + Fᵀdy1
+
+Every node is stamped `meft_pass = "codegen"`; `label_program` heads a program's printed code
+with who made it (used for these programs and by `meft_fx.graphs`).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .replay import record_rng, replay_vjp
+from .saved import add_grads, cast_grad, scale_grad
+
+__all__ = ["coupling_program", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
+
+PROVENANCE_KEY = "meft_pass"
+PROGRAMS = ("forward", "inverse", "backward")
+
+
+class _Emitter:
+    """Builds one program: placeholders, F/G calls on decoded streams, the arithmetic's steps."""
+
+    def __init__(self, coupling, arith, n_ctx: int, dtype):
+        self.c, self.arith, self.n_ctx, self.dtype = coupling, arith, n_ctx, dtype
+        self.g = fx.Graph()
+
+    def inputs(self, *names):
+        return [self.g.placeholder(n) for n in names]
+
+    def context(self):
+        self.ctx = [self.g.placeholder(f"ctx_{i}") for i in range(self.n_ctx)]
+
+    def block_args(self, half: str):
+        return [self.ctx[i] for i in (self.c.f_context if half == "F" else self.c.g_context)]
+
+    def call(self, half: str, stream):
+        x = self.arith.emit_decode(self.g, stream, self.dtype, f"{half.lower()}_in")
+        return self.g.create_node("call_module", half, (x, *self.block_args(half)), name=half.lower())
+
+    def vjp(self, half: str, stream, cotangent):
+        """(output, d_stream) nodes of `replay_vjp`, d_stream cast to the arithmetic's gradient dtype."""
+        g, low = self.g, half.lower()
+        x = self.arith.emit_decode(g, stream, self.dtype, f"{low}_in")
+        block = g.create_node("get_attr", half, name=f"{low}_block")
+        res = g.create_node("call_function", replay_vjp, (self.tape, half, block, x, cotangent, *self.block_args(half)),
+                            name=f"vjp_{low}")
+        out = g.create_node("call_function", operator.getitem, (res, 0), name=low)
+        d_in = g.create_node("call_function", operator.getitem, (res, 1), name=f"d_{low}_in")
+        gd = self.arith.grad_dtype(self.dtype) if self.dtype is not None else None
+        if gd is not None and gd != self.dtype:
+            d_in = g.create_node("call_function", cast_grad, (d_in, gd), name=f"d_{low}_in_{str(gd)[6:]}")
+        return out, d_in
+
+    def update(self, prev, out, scale, new: str, residue: str, equation: str):
+        return self.arith.emit_update(self.g, prev, out, scale, (new, residue, equation))
+
+    def restore(self, new, out, residue, scale, name: str):
+        return self.arith.emit_restore(self.g, new, out, residue, scale, name)
+
+
+def _forward(e: _Emitter) -> None:
+    c, g = e.c, e.g
+    x1, x2, e.tape = e.inputs("x1", "x2", "tape")
+    e.context()
+    g.call_function(record_rng, (e.tape, "F"))
+    y1, r1 = e.update(x1, e.call("F", x2), c.lam, "y1", "r1", "y1 = λ·x1 + F(x2)")
+    g.call_function(record_rng, (e.tape, "G"))
+    y2, r2 = e.update(x2, e.call("G", y1), c.beta, "y2", "r2", "y2 = β·x2 + G(y1)")
+    g.output(((y2, y1) if c.swap else (y1, y2)) + (r1, r2))
+
+
+def _inverse(e: _Emitter, with_vjp: bool) -> None:
+    c, g = e.c, e.g
+    order = (1, 0) if c.swap else (0, 1)  # the streams (h1, h2) hold (y2, y1) after a swapping coupling
+    h = e.inputs(*[("y1", "y2")[j] for j in order], "r1", "r2")
+    (y1, y2), (r1, r2) = (h[order[0]], h[order[1]]), h[2:]
+    if with_vjp:
+        d = e.inputs(*[("dy1", "dy2")[j] for j in order], "tape")
+        (dy1, dy2), e.tape = (d[order[0]], d[order[1]]), d[2]
+    e.context()
+    if not with_vjp:
+        x2 = e.restore(y2, e.call("G", y1), r2, c.beta, "x2")
+        x1 = e.restore(y1, e.call("F", x2), r1, c.lam, "x1")
+        g.output((x1, x2))
+        return
+    out_g, d_y1 = e.vjp("G", y1, dy2)
+    x2 = e.restore(y2, out_g, r2, c.beta, "x2")
+    dy1 = g.create_node("call_function", add_grads, (dy1, d_y1), name="dy1_total")
+    out_f, d_x2 = e.vjp("F", x2, dy1)
+    x1 = e.restore(y1, out_f, r1, c.lam, "x1")
+    dx1 = g.create_node("call_function", scale_grad, (dy1, c.lam), name="dx1")
+    dx2_skip = g.create_node("call_function", scale_grad, (dy2, c.beta), name="dx2_skip")
+    dx2 = g.create_node("call_function", add_grads, (dx2_skip, d_x2), name="dx2")
+    g.output((x1, x2, dx1, dx2))
+
+
+_BUILDERS = {"forward": _forward, "inverse": lambda e: _inverse(e, False), "backward": lambda e: _inverse(e, True)}
+
+
+def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.GraphModule:
+    """Generate `coupling`'s program `which` ("forward", "inverse" or "backward") for `arith`.
+
+    `n_ctx`: how many context values the stack passes; `dtype`: the dtype F and G compute in
+    (what the arithmetic decodes a stream to; float streams are already in it).
+    """
+    if which not in _BUILDERS:
+        raise ValueError(f"which={which!r}: expected one of {', '.join(map(repr, PROGRAMS))}")
+    e = _Emitter(coupling, arith, n_ctx, dtype)
+    _BUILDERS[which](e)
+    root = nn.Module()
+    root.F, root.G = coupling.F, coupling.G
+    for n in e.g.nodes:
+        n.meta[PROVENANCE_KEY] = "codegen"
+    e.g.lint()
+    gm = fx.GraphModule(root, e.g, class_name=f"Coupling{which.capitalize()}")
+    note = (f"MEFT coupling {which}, {arith.name} streams, λ={coupling.lam:g} β={coupling.beta:g}"
+            + (", swap" if coupling.swap else ""))
+    return label_program(gm, "codegen", f"coupling/{which}", note)
+
+
+# ----------------------------------------------------------------------------- printable provenance
+
+_HEADED: dict = {}
+
+
+def _headed_codegen(base, header: str):
+    """A copy of the graph's code generator whose `def forward` is preceded by `header` comments."""
+    plain = getattr(type(base), "_meft_plain", type(base))
+    if plain not in _HEADED:
+        def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def=False):
+            d = plain.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+            return self._meft_header + d
+
+        _HEADED[plain] = type(f"Headed{plain.__name__}", (plain,), {"gen_fn_def": gen_fn_def, "_meft_plain": plain})
+    new = copy.copy(base)
+    new.__class__ = _HEADED[plain]
+    new._meft_header = "".join(f"# {line}\n" for line in header.splitlines())
+    return new
+
+
+def label_program(gm: fx.GraphModule, made_by: str, name: str, note: str = "", marker=None) -> fx.GraphModule:
+    """Head `gm`'s printed code with "# made by pass MADE_BY" and "# graph NAME[: NOTE]", in place.
+
+    Only the generated source's comments change (not what runs). `marker`: an optional fx body
+    transformer (e.g. one that tags lines with the pass that made their node). Returns `gm`.
+    """
+    header = f"made by pass {made_by}\ngraph {name}" + (f": {note}" if note else "")
+    gm.graph._codegen = _headed_codegen(gm.graph._codegen, header)
+    if marker is not None:
+        gm.graph._codegen._body_transformer = marker
+    gm.meta = {**(getattr(gm, "meta", None) or {}), PROVENANCE_KEY: made_by, "meft_graph": name, "meft_note": note}
+    gm.recompile()
+    return gm

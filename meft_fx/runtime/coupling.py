@@ -1,0 +1,77 @@
+"""One MEFT coupling: two blocks F and G on two streams (Liao, Tan & Monz, NeurIPS 2023).
+
+    forward:  y1 = λ·x1 + F(x2)              inverse:  x2 = (y2 − G(y1)) / β
+              y2 = β·x2 + G(y1)                        x1 = (y1 − F(x2)) / λ
+              (MEFT1/2 then swap the streams)
+
+In which arithmetic these run — float, as written, or fixed point, where the inverse is exact —
+is the stack's (`meft_fx.runtime.arithmetic`). What runs is generated: `Coupling.program` emits
+the forward, inverse and backward programs (`meft_fx.runtime.codegen`) and caches them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from .arithmetic import FloatStreams, StreamArithmetic
+from .codegen import coupling_program
+
+__all__ = ["Coupling", "CouplingRecord"]
+
+_FLOAT = FloatStreams()
+
+
+@dataclass(frozen=True)
+class CouplingRecord:
+    """Where a coupling came from: its source layer and the source blocks of F and G.
+
+    `F`/`G` are tuples of (source module path, kind), kind "attention", "ffn" or "adapter"
+    (an adapter standing alone; "none (...)" as path: a half that adds nothing).
+    """
+
+    layer: str = ""
+    F: tuple = ()
+    G: tuple = ()
+
+
+class Coupling(nn.Module):
+    """y1 = λ·x1 + F(x2); y2 = β·x2 + G(y1); optionally swap. F and G take (stream, *their context).
+
+    `f_context`/`g_context` are the positions, in the stack's context, of what F and G read.
+    Calling the module runs the float equations (`forward`); the stack runs `program(...)`.
+    """
+
+    def __init__(self, F: nn.Module, G: nn.Module, lam: float, beta: float, swap: bool,
+                 f_context: Sequence[int] = (), g_context: Sequence[int] = (), record: CouplingRecord | None = None):
+        super().__init__()
+        _FLOAT.check_scale(lam, "λ")
+        _FLOAT.check_scale(beta, "β")
+        self.F, self.G = F, G
+        self.lam, self.beta, self.swap = float(lam), float(beta), bool(swap)
+        self.f_context, self.g_context = tuple(f_context), tuple(g_context)
+        self.record = record or CouplingRecord()
+        self.__dict__["_programs"] = {}
+
+    def f(self, x2, context):
+        return self.F(x2, *[context[i] for i in self.f_context])
+
+    def g(self, y1, context):
+        return self.G(y1, *[context[i] for i in self.g_context])
+
+    def forward(self, x1, x2, context=()):
+        """(y1, y2) of the float equations (streams swapped like the stack swaps them)."""
+        return tuple(self.program("forward", _FLOAT, len(context))(x1, x2, None, *context)[:2])
+
+    def program(self, which: str, arith: StreamArithmetic, num_context: int, dtype=None) -> fx.GraphModule:
+        """The generated `which` program ("forward", "inverse", "backward") for `arith`, cached.
+
+        Regenerated when λ, β, swap, F or G changed since (they are plain attributes).
+        """
+        key = (which, arith.key, num_context, dtype, self.lam, self.beta, self.swap)
+        prog = self._programs.get(key)
+        if prog is None or prog.F is not self.F or prog.G is not self.G:
+            prog = self._programs[key] = coupling_program(self, which, arith, num_context, dtype)
+        return prog

@@ -1,0 +1,78 @@
+"""The one autograd.Function that trains every reversible stack, whatever its arithmetic.
+
+forward (no grad): encode the stream, run each coupling's generated forward program, keep the
+two top streams, each coupling's residues, its `Tape` (RNG states) and the arithmetic's
+fingerprint of its inputs; return the selected stream decoded.
+
+backward: from the top coupling down, run its generated backward program — the inverse fused with
+F's and G's VJPs — which rebuilds the coupling's inputs and their gradients; compare the rebuilt
+inputs with the fingerprint (`ReconstructionError` if F or G gave other bits in the recompute).
+
+Its inputs are (stack, number of context values, x, *context, *trainable parameters): the
+parameters are inputs so that backward runs even when nothing upstream requires grad.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ReconstructionError
+from .replay import AutocastState, Tape
+from .saved import GradAccumulator, add_grads, cast_grad, output_grads, restore_context, save_context
+
+__all__ = ["ReversibleFunction"]
+
+
+class ReversibleFunction(torch.autograd.Function):
+    """See the module docstring."""
+
+    @staticmethod
+    def forward(fctx, stack, n_ctx, x, *rest):
+        context, params = rest[:n_ctx], rest[n_ctx:]
+        arith = stack.arithmetic
+        autocast = AutocastState.current(x.device.type)
+        record = stack.training and stack.has_random
+        with stack.errors_named(None):
+            h1 = h2 = arith.encode(x)
+        saved = []
+        for i in range(len(stack.couplings)):
+            tape = Tape(x.device, autocast, record, leaf_input=arith.leaf_input)
+            check = arith.fingerprint(h1, h2)
+            with stack.errors_named(i):
+                h1, h2, r1, r2 = stack.program(i, "forward", x.dtype)(h1, h2, tape, *context)
+            saved.append((tape, r1, r2, check))
+        fctx.stack, fctx.saved, fctx.params, fctx.dtype = stack, saved, params, x.dtype
+        fctx.save_for_backward(h1, h2, *save_context(fctx, context))
+        return stack.select(arith.decode(h1, x.dtype), arith.decode(h2, x.dtype))
+
+    @staticmethod
+    def backward(fctx, d_out):
+        stack, dtype = fctx.stack, fctx.dtype
+        arith = stack.arithmetic
+        h1, h2, *tctx = fctx.saved_tensors
+        context = restore_context(fctx, tctx)
+        grads = GradAccumulator()
+        dh1, dh2 = output_grads(stack.out_index, d_out.to(arith.grad_dtype(dtype)))
+        for i in reversed(range(len(stack.couplings))):
+            tape, r1, r2, check = fctx.saved[i]
+            tape.grads = grads
+            with stack.errors_named(i, backward=True):
+                h1, h2, dh1, dh2 = stack.program(i, "backward", dtype)(h1, h2, r1, r2, dh1, dh2, tape, *context)
+            got = arith.fingerprint(h1, h2)
+            if got != check:
+                raise _mismatch(stack, i, got, check)
+        dx = cast_grad(add_grads(dh1, dh2), dtype)
+        return (None, None, dx, *[grads.get(c) for c in context], *[grads.get(p) for p in fctx.params])
+
+
+def _mismatch(stack, i: int, got, want) -> ReconstructionError:
+    c = stack.couplings[i]
+    culprit = "G (stream 2 is rebuilt with G)" if got[1] != want[1] else "F (stream 1 is rebuilt with F)"
+    return ReconstructionError(
+        f"exact reversible backward: the inputs of {stack.where(i)} rebuilt from its outputs differ from the ones "
+        f"the forward saw (checksum mismatch); {culprit} returned different bits in the backward's recompute than in "
+        f"the forward, i.e. it is not deterministic (a non-deterministic kernel, random numbers drawn outside the "
+        f"torch RNG, a kernel chosen differently with grad enabled, or parameters/modules changed between forward and "
+        f"backward). Gradients would be wrong, so none are returned. Fix: make F/G deterministic "
+        f"(torch.use_deterministic_algorithms(True), disable the non-deterministic kernels, do not update parameters "
+        f"before backward), or convert with MEFTConfig(numerics='float') (no exactness, no check). "
+        f"[{type(c.F).__name__}/{type(c.G).__name__}, λ={c.lam:g} β={c.beta:g}]")

@@ -1,0 +1,67 @@
+"""What the reversible Function keeps between forward and backward, and how its gradients add up.
+
+Gradients that are known to be zero are None throughout (the stream a stack does not return,
+a block whose output reaches nothing): `add_grads`, `scale_grad` and `cast_grad` pass None on.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["save_context", "restore_context", "GradAccumulator", "add_grads", "scale_grad", "cast_grad",
+           "output_grads"]
+
+
+def add_grads(a, b):
+    """a + b where None stands for a gradient known to be zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def scale_grad(a, scale: float):
+    """scale · a (None stays None; scale 1 is skipped)."""
+    return None if a is None else (a if scale == 1.0 else a * scale)
+
+
+def cast_grad(a, dtype: torch.dtype):
+    """a in `dtype` (None stays None)."""
+    return None if a is None else a.to(dtype)
+
+
+def output_grads(out_index, d_out):
+    """(dy1, dy2) of a stack's top streams from the gradient of what it returned (`ReversibleStack.select`)."""
+    if out_index == "mean":
+        return d_out * 0.5, d_out * 0.5
+    return (None, d_out) if out_index == 1 else (d_out, None)
+
+
+class GradAccumulator:
+    """Sums the gradients of parameters and context tensors over the couplings of one backward."""
+
+    def __init__(self):
+        self._grads: dict = {}
+
+    def add(self, pairs) -> None:
+        """Add each (tensor, gradient or None) pair."""
+        for t, g in pairs:
+            self._grads[t] = add_grads(self._grads.get(t), g)
+
+    def get(self, t):
+        """The summed gradient of `t` (None when nothing reached it)."""
+        return self._grads.get(t) if isinstance(t, torch.Tensor) else None
+
+
+def save_context(fctx, context) -> list:
+    """Remember the non-tensor context on `fctx`; returns the tensors to `save_for_backward`."""
+    fctx.n_ctx = len(context)
+    fctx.tensor_pos = [i for i, v in enumerate(context) if isinstance(v, torch.Tensor)]
+    fctx.other_context = {i: v for i, v in enumerate(context) if not isinstance(v, torch.Tensor)}
+    return [context[i] for i in fctx.tensor_pos]
+
+
+def restore_context(fctx, tensors) -> list:
+    """The context list again, float tensors detached (keeping requires_grad) for the recompute."""
+    context = [None] * fctx.n_ctx
+    for i, v in fctx.other_context.items():
+        context[i] = v
+    for i, t in zip(fctx.tensor_pos, tensors):
+        context[i] = t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+    return context

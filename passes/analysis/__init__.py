@@ -1,0 +1,1 @@
+"""Analysis passes: read a graph, return records (nothing is rewritten)."""

@@ -1,0 +1,1 @@
+"""fx helpers shared by the passes: op taxonomy, data flow, provenance, extraction."""

@@ -1,0 +1,111 @@
+"""The one ordered pipeline every caller runs (convert, re-captures, `graphs()`, debug_node, the tests).
+
+Like torch.fx's PassManager: each pass is a callable of the GraphModule (and the pipeline's
+state); after each transform the graph is linted, nodes the pass created are stamped with its
+name (`node.meta["meft_pass"]`), and a printable snapshot is kept under the pass's name.
+Analysis passes return records (`StreamAnalysis`) instead; when no stack is found, the
+transforms that need one are not run. A new pass is one file plus one line in PIPELINE.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.fx as fx
+
+from .analysis.find_residual_units import find_residual_units
+from .analysis.group_layers import group_layers
+from .analysis.records import StreamAnalysis
+from .fx.provenance import PROVENANCE_KEY
+from .transforms.build_couplings import build_couplings
+from .transforms.dropout_to_modules import dropout_to_modules
+from .transforms.hoist_shape_queries import hoist_shape_queries
+from .transforms.insert_adapters import insert_adapters
+
+__all__ = ["Pass", "PIPELINE", "PASS_NAMES", "PipelineState", "PipelineResult", "run_pipeline", "snapshot"]
+
+
+@dataclass
+class PipelineState:
+    """What passes share: the config, the adapter registry (shared by every capture of a module), the analysis."""
+
+    config: object = None
+    adapters: dict = field(default_factory=dict)
+    analysis: StreamAnalysis | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pipeline step. `kind` "transform" (returns the GraphModule) or "analysis" (returns a StreamAnalysis)."""
+
+    name: str
+    kind: str
+    run: Callable
+    progress: str = ""
+
+
+PIPELINE = [
+    Pass("hoist_shape_queries", "transform", lambda gm, s: hoist_shape_queries(gm)),
+    Pass("dropout_to_modules", "transform", lambda gm, s: dropout_to_modules(gm)),
+    Pass("find_residual_units", "analysis", lambda gm, s: find_residual_units(gm), "finding the residual stream"),
+    Pass("group_layers", "analysis", lambda gm, s: group_layers(s.analysis)),
+    Pass("insert_adapters", "transform", lambda gm, s: insert_adapters(gm, s.analysis, s.config, s.adapters)),
+    Pass("build_couplings", "transform", lambda gm, s: build_couplings(gm, s.analysis, s.config, s.adapters),
+         "building the couplings"),
+]
+PASS_NAMES = tuple(p.name for p in PIPELINE)
+
+
+@dataclass
+class PipelineResult:
+    """The rewritten GraphModule, the analysis, and `programs`: the captured graph and one snapshot per transform."""
+
+    gm: fx.GraphModule
+    analysis: StreamAnalysis | None
+    programs: OrderedDict
+
+
+def snapshot(gm: fx.GraphModule, made_by: str) -> fx.GraphModule:
+    """A copy of `gm`'s program (sharing its parameters) labelled with the pass that made it."""
+    g = fx.Graph()
+    g.output(g.graph_copy(gm.graph, {}))
+    g._codegen = gm.graph._codegen
+    snap = fx.GraphModule(gm, g, class_name=type(gm).__name__)
+    snap.meta = {PROVENANCE_KEY: made_by}
+    return snap
+
+
+def _stamp_new(gm: fx.GraphModule, made_by: str) -> None:
+    for n in gm.graph.nodes:
+        if n.op != "output":
+            n.meta.setdefault(PROVENANCE_KEY, made_by)
+
+
+def run_pipeline(gm: fx.GraphModule, config=None, adapters: dict | None = None, *, until: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run PIPELINE on a captured GraphModule, up to and including the pass named `until` (default: all).
+
+    Transforms need `config` (a MEFTConfig) from `insert_adapters` on; `adapters` is the registry
+    shared by every capture of the same module (new adapters are added to it).
+    """
+    if until is not None and until not in PASS_NAMES:
+        raise ValueError(f"until={until!r}: not a pass of the pipeline ({', '.join(PASS_NAMES)})")
+    state = PipelineState(config, {} if adapters is None else adapters)
+    made_by = (getattr(gm, "meta", None) or {}).get(PROVENANCE_KEY, "capture")
+    _stamp_new(gm, made_by)
+    programs = OrderedDict(captured=snapshot(gm, made_by))
+    for p in PIPELINE:
+        if p.progress and progress is not None:
+            progress(p.progress)
+        out = p.run(gm, state)
+        if p.kind == "analysis":
+            state.analysis = out
+        else:
+            gm = out
+            gm.graph.lint()
+            _stamp_new(gm, p.name)
+            programs[p.name] = snapshot(gm, p.name)
+        if p.name == until or (p.kind == "analysis" and not out.stacks):
+            break
+    return PipelineResult(gm, state.analysis, programs)

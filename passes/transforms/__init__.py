@@ -1,0 +1,1 @@
+"""Transform passes: GraphModule in, rewritten GraphModule out."""

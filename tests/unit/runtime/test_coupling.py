@@ -1,0 +1,134 @@
+"""The coupling math and the reversible runtime, on hand-made F and G (no graph capture)."""
+import pytest
+import torch
+from torch import nn
+
+from meft_fx.runtime import Coupling, FloatStreams, ReversibleStack
+
+FLOAT = FloatStreams()
+
+
+class Block(nn.Module):
+    """A small position-wise block with dropout that also reads a context tensor."""
+
+    def __init__(self, d, p=0.1):
+        super().__init__()
+        self.lin1, self.lin2, self.drop = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.Dropout(p)
+
+    def forward(self, x, ctx=None):
+        h = torch.tanh(self.lin1(x))
+        if ctx is not None:
+            h = h * torch.sigmoid(ctx).repeat(1, 1, 2)
+        return self.drop(self.lin2(h))
+
+
+def make_stack(n, d, method_scales, reversible, ctx=True, seed=0):
+    torch.manual_seed(seed)
+    lam, beta, swap = method_scales
+    cs = [Coupling(Block(d), Block(d), lam, beta, swap, (0,) if ctx else (), (0,) if ctx else ()) for _ in range(n)]
+    return ReversibleStack(cs, 1 if ctx else 0, out_index=1, reversible=reversible).double()
+
+
+SCALES = {"meft1": (0.1, 1.0, True), "meft2": (1.0, 0.1, True), "meft3": (0.1, 0.1, False)}
+
+
+def inverse(c, y1, y2, ctx):
+    return c.program("inverse", FLOAT, 1)(y1, y2, None, None, ctx)
+
+
+def test_generated_programs_follow_a_changed_lambda():
+    """λ/β are runtime attributes; a program generated before they change must not be served after."""
+    c = make_stack(1, 8, SCALES["meft3"], True).couplings[0].eval()
+    assert "0.1" in c.program("inverse", FLOAT, 1).code
+    c.lam = c.beta = 0.25
+    code = c.program("inverse", FLOAT, 1).code
+    assert "0.25" in code and "0.1" not in code
+    x1, x2, ctx = (torch.randn(2, 3, 8, dtype=torch.double) for _ in range(3))
+    y1, y2 = c(x1, x2, (ctx,))
+    r1, r2 = inverse(c, y1, y2, ctx)
+    assert torch.allclose(r1, x1, atol=1e-12) and torch.allclose(r2, x2, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", list(SCALES))
+def test_inverse_reconstructs_inputs(method):
+    c = make_stack(1, 8, SCALES[method], True).couplings[0].eval()
+    x1, x2, ctx = (torch.randn(2, 3, 8, dtype=torch.double) for _ in range(3))
+    y1, y2 = c(x1, x2, (ctx,))
+    r1, r2 = inverse(c, y1, y2, ctx)
+    assert torch.allclose(r1, x1, atol=1e-12) and torch.allclose(r2, x2, atol=1e-12)
+    # the generated forward program is what calling the coupling runs
+    g1, g2, n1, n2 = c.program("forward", FLOAT, 1)(x1, x2, None, ctx)
+    assert torch.equal(g1, y1) and torch.equal(g2, y2) and n1 is None and n2 is None
+    code = c.program("inverse", FLOAT, 1).code
+    assert "self.F" in code and "self.G" in code
+    assert ("/ 0.1" in code) == (SCALES[method] != (1.0, 1.0, True))
+
+
+def test_program_is_regenerated_when_f_is_replaced():
+    c = make_stack(1, 8, SCALES["meft3"], True).couplings[0]
+    old = c.program("forward", FLOAT, 1)
+    c.F = nn.Identity()
+    assert c.program("forward", FLOAT, 1) is not old and c.program("forward", FLOAT, 1).F is c.F
+
+
+@pytest.mark.parametrize("method", list(SCALES))
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_reversible_gradients_equal_autograd(method, x_requires_grad):
+    d = 8
+    rev, ref = make_stack(4, d, SCALES[method], True), make_stack(4, d, SCALES[method], False)
+    for p in list(rev.parameters()):
+        p.requires_grad_(True)
+    x0 = torch.randn(3, 5, d, dtype=torch.double)
+    ctx0 = torch.randn(3, 5, d, dtype=torch.double)
+    grads = []
+    for stack in (rev, ref):
+        x = x0.clone().requires_grad_(x_requires_grad)
+        ctx = ctx0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        out = stack(x, ctx)
+        (out * torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin()).sum().backward()
+        grads.append(({n: p.grad for n, p in stack.named_parameters()}, x.grad, ctx.grad))
+    (pr, xr, cr), (pf, xf, cf) = grads
+    assert pr.keys() == pf.keys() and len(pr) > 0
+    for n in pr:
+        # a parameter that cannot reach the output (the last half writing the unused stream) has no grad in both
+        assert (pr[n] is None) == (pf[n] is None), n
+        if pr[n] is not None:
+            assert torch.allclose(pr[n], pf[n], rtol=1e-8, atol=1e-10), n
+    assert sum(g is not None for g in pr.values()) >= len(pr) - 4
+    assert torch.allclose(cr, cf, rtol=1e-8, atol=1e-10)
+    if x_requires_grad:
+        assert torch.allclose(xr, xf, rtol=1e-8, atol=1e-10)
+    else:
+        assert xr is None and xf is None
+
+
+def test_backward_works_when_nothing_upstream_requires_grad():
+    stack = make_stack(2, 8, SCALES["meft3"], True, ctx=False)
+    x = torch.randn(2, 3, 8, dtype=torch.double)  # frozen embeddings: no grad
+    stack(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stack.parameters())
+
+
+def test_global_rng_is_not_reseeded_by_backward():
+    stack = make_stack(3, 8, SCALES["meft3"], True)
+    x = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
+    out = stack(x, torch.randn(2, 3, 8, dtype=torch.double))
+    before = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_forward_keeps_no_autograd_graph_inside_the_stack():
+    stack = make_stack(3, 8, SCALES["meft3"], True, ctx=False)
+    x = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)
+    out = stack(x)
+    # one node for the whole stack: the custom Function, whose inputs are x and the parameters
+    assert type(out.grad_fn).__name__ == "ReversibleFunctionBackward"
+
+
+def test_zero_scale_is_rejected():
+    with pytest.raises(ValueError, match="non-zero"):
+        Coupling(nn.Identity(), nn.Identity(), 0.0, 1.0, False)
+    with pytest.raises(ValueError, match="power of two"):
+        ReversibleStack([Coupling(nn.Identity(), nn.Identity(), 0.1, 1.0, False)], 0, 1, numerics="exact")
