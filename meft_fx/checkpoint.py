@@ -52,7 +52,9 @@ FORMAT = "meft_fx.adapters"
 FORMAT_VERSION = 1
 SAMPLE = 4096  # elements hashed per frozen tensor
 # MEFTConfig fields that change what the saved weights compute; the others may differ at load time.
-NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics")
+NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits")
+# What a field was before it existed (folders saved by older versions lack it).
+NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits}
 
 
 def _class_name(model: nn.Module) -> str:
@@ -177,8 +179,6 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     torch.compile, or sharded with FSDP2's `fully_shard` (then every rank must call this: the
     shards are gathered on all ranks and rank 0 writes). Raises ValueError when the model was not converted or nothing in it is trainable.
     """
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
     config = _meft_config(model, "save_adapters(model, folder)")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -202,9 +202,33 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_rank() != 0:
         return folder  # the gathers above were collective; rank 0 writes
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "meft_fx": FORMAT})
-    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    _write_folder(folder, tensors, record)
     return folder
+
+
+def _write_folder(folder: Path, tensors: dict, record: dict) -> None:
+    """Both files written to temporary names, the weights' SHA-256 recorded, then moved in place:
+    an interrupted save leaves the previous save (or nothing), never half a file."""
+    from safetensors.torch import save_file
+
+    tmp_w, tmp_c = folder / f".{WEIGHTS_NAME}.tmp", folder / f".{CONFIG_NAME}.tmp"
+    try:
+        save_file(tensors, str(tmp_w), metadata={"format": "pt", "meft_fx": FORMAT})
+        record["weights_sha256"] = _sha256(tmp_w)
+        tmp_c.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp_w, folder / WEIGHTS_NAME)
+        os.replace(tmp_c, folder / CONFIG_NAME)
+    finally:
+        for t in (tmp_w, tmp_c):
+            t.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _version(pkg: str):
@@ -221,9 +245,14 @@ def _read_record(folder: Path) -> dict:
     if missing:
         raise FileNotFoundError(f"{folder}: no saved meft_fx adapters here (missing {', '.join(missing)}); "
                                 f"write them with meft_fx.save_adapters(model, folder)")
-    record = json.loads(cfg_path.read_text())
-    if record.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path} is not a meft_fx adapter config (format={record.get('format')!r})")
+    try:
+        record = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not a readable meft_fx adapter config ({type(e).__name__}: {e}); the file is "
+                         f"damaged or truncated: save the adapters again") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path} is not a meft_fx adapter config (format="
+                         f"{record.get('format') if isinstance(record, dict) else type(record).__name__!r})")
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{cfg_path} has format_version {record['format_version']}, newer than this meft_fx "
                          f"reads ({FORMAT_VERSION}); upgrade meft_fx")
@@ -255,8 +284,6 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     names, other shapes — without changing the model; FileNotFoundError when `folder` holds no
     saved adapters; ValueError when `model` was not converted by meft_fx.
     """
-    from safetensors import safe_open
-
     folder = Path(folder)
     record = _read_record(folder)
     model = _unwrap(model)
@@ -264,12 +291,34 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         raise ValueError("load_adapters: the model's parameters are sharded (torch.distributed.fsdp.fully_shard); "
                          "load the adapters into the converted model first, then shard it")
-    problems = []
+    problems = _load_problems(model, config, record)
+    if problems:
+        raise _mismatch_error(folder, record.get("base_model", {}), problems)
+    tensors = _read_tensors(folder, record)
+    _copy_saved(tensors, dict(model.named_parameters()), record.get("parameters", {}), folder)
+    return model
 
-    saved_net, net = record.get("network", {}), _network(config)
-    for k in sorted(set(saved_net) | set(net)):
-        if saved_net.get(k) != net.get(k):
-            problems.append(f"MEFT config {k}: saved {saved_net.get(k)!r}, model converted with {net.get(k)!r}")
+
+def _read_tensors(folder: Path, record: dict) -> dict:
+    """The saved tensors, after checking the file's SHA-256 against the one recorded at save time."""
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_NAME
+    want = record.get("weights_sha256")  # absent in folders saved before it was recorded
+    if want is not None and _sha256(path) != want:
+        raise AdapterMismatchError(f"load_adapters: {path} does not match the SHA-256 recorded in {CONFIG_NAME} "
+                                   f"(the file was changed, damaged or truncated after saving); save the adapters "
+                                   f"again. The model was not changed.")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterMismatchError(f"load_adapters: {path} cannot be read ({type(e).__name__}: {e}); the file is "
+                                   f"damaged: save the adapters again. The model was not changed.") from None
+
+
+def _load_problems(model: nn.Module, config: MEFTConfig, record: dict) -> list[str]:
+    """Every reason the saved adapters in `record` do not fit `model` (empty when they do), in report order."""
+    problems = _network_problems(record.get("network", {}), _network(config))
 
     base = record.get("base_model", {})
     if base.get("class") != _class_name(model):
@@ -277,6 +326,27 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
     saved_params = record.get("parameters", {})
     named = dict(model.named_parameters())
+    problems += _parameter_problems(named, saved_params)
+
+    if base.get("class") == _class_name(model):
+        problem = _fingerprint_problem(model, base, named, saved_params)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _network_problems(saved_net: dict, net: dict) -> list[str]:
+    """One line per network field (method, λ, β, swap, rank, ...) the model was converted with differently."""
+    problems = []
+    for k in sorted(set(saved_net) | set(net)):
+        if saved_net.get(k, NETWORK_DEFAULTS.get(k)) != net.get(k):
+            problems.append(f"MEFT config {k}: saved {saved_net.get(k)!r}, model converted with {net.get(k)!r}")
+    return problems
+
+
+def _parameter_problems(named: dict, saved_params: dict) -> list[str]:
+    """Saved names missing from the model, saved shapes that differ, and trainable parameters not saved."""
+    problems = []
     missing = [n for n in saved_params if n not in named]
     if missing:
         problems.append(f"{len(missing)} saved parameter(s) do not exist in this model: {_short(missing)}")
@@ -288,41 +358,60 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     if untrained:
         problems.append(f"{len(untrained)} trainable parameter(s) of this model are not in the folder (they would keep "
                         f"their fresh initialisation): {_short(untrained)}")
+    return problems
 
-    if base.get("class") == _class_name(model):
-        trainable_now = {n for n, p in named.items() if p.requires_grad}
-        fp_saved = base.get("fingerprint", {}).get("tensors", {})
-        fp_now = _fingerprint(model, set(saved_params) | trainable_now)["tensors"]
-        only_saved = [n for n in fp_saved if n not in fp_now and n not in trainable_now]
-        only_now = [n for n in fp_now if n not in fp_saved]
-        differ = [n for n in fp_saved if n in fp_now and fp_saved[n] != fp_now[n]]
-        if only_saved or only_now or differ:
-            where = base.get("name_or_path") or "an unnamed model"
-            here = _identity(model, ()).get("name_or_path") or "an unnamed model"
-            detail = []
-            if differ:
-                detail.append(f"{len(differ)} of {len(fp_saved)} frozen tensors differ ({_short(differ)})")
-            if only_saved:
-                detail.append(f"{len(only_saved)} frozen tensors of the saved base are missing here ({_short(only_saved)})")
-            if only_now:
-                detail.append(f"{len(only_now)} frozen tensors are new here ({_short(only_now)})")
-            problems.append(f"base model weights: the adapters were trained on {base.get('class')} from {where}, this "
-                            f"model ({_class_name(model)} from {here}) has other frozen weights: " + "; ".join(detail))
 
-    if problems:
-        raise AdapterMismatchError(
-            f"load_adapters: the adapters in {folder} were saved for another model or MEFT configuration:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + f"\nConvert the same base model ({base.get('class')}, {base.get('name_or_path')}) with "
-              f"meft_fx.checkpoint.adapter_config('{folder}') before loading.")
+def _fingerprint_problem(model: nn.Module, base: dict, named: dict, saved_params: dict) -> str | None:
+    """How the model's frozen weights differ from the saved base model's fingerprint, or None when they match."""
+    trainable_now = {n for n, p in named.items() if p.requires_grad}
+    fp_saved = base.get("fingerprint", {}).get("tensors", {})
+    fp_now = _fingerprint(model, set(saved_params) | trainable_now)["tensors"]
+    only_saved = [n for n in fp_saved if n not in fp_now and n not in trainable_now]
+    only_now = [n for n in fp_now if n not in fp_saved]
+    differ = [n for n in fp_saved if n in fp_now and fp_saved[n] != fp_now[n]]
+    if not (only_saved or only_now or differ):
+        return None
+    if differ and not (only_saved or only_now) and all(
+            fp_saved[n][1] != fp_now[n][1] and fp_saved[n][0] == fp_now[n][0] for n in differ):
+        was, now = ("/".join(sorted({fp[n][1] for n in differ})) for fp in (fp_saved, fp_now))
+        return (f"base model dtype: the adapters were trained on a {was} base, this model's frozen weights are {now} "
+                f"({len(differ)} tensors; values cannot be compared across dtypes). Load into a conversion of the "
+                f"{was} base, then cast the converted model (e.g. rev.to(torch.{now}))")
+    where = base.get("name_or_path") or "an unnamed model"
+    here = _identity(model, ()).get("name_or_path") or "an unnamed model"
+    detail = []
+    if differ:
+        detail.append(f"{len(differ)} of {len(fp_saved)} frozen tensors differ ({_short(differ)})")
+    if only_saved:
+        detail.append(f"{len(only_saved)} frozen tensors of the saved base are missing here ({_short(only_saved)})")
+    if only_now:
+        detail.append(f"{len(only_now)} frozen tensors are new here ({_short(only_now)})")
+    return (f"base model weights: the adapters were trained on {base.get('class')} from {where}, this "
+            f"model ({_class_name(model)} from {here}) has other frozen weights: " + "; ".join(detail))
 
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        absent = [n for n in saved_params if n not in keys]
-        if absent:
-            raise AdapterMismatchError(f"load_adapters: {folder / WEIGHTS_NAME} lacks {len(absent)} tensor(s) listed in "
-                                       f"{CONFIG_NAME}: {_short(absent)} (the folder is damaged; save again)")
-        with torch.no_grad():
-            for n in saved_params:
-                named[n].copy_(f.get_tensor(n))
-    return model
+
+def _mismatch_error(folder: Path, base: dict, problems: list[str]) -> AdapterMismatchError:
+    """The AdapterMismatchError listing `problems`, with how to convert the right model."""
+    return AdapterMismatchError(
+        f"load_adapters: the adapters in {folder} were saved for another model or MEFT configuration:\n"
+        + "\n".join(f"  - {p}" for p in problems)
+        + f"\nConvert the same base model ({base.get('class')}, {base.get('name_or_path')}) with "
+          f"meft_fx.checkpoint.adapter_config('{folder}') before loading.")
+
+
+def _copy_saved(tensors: dict, named: dict, saved_params: dict, folder: Path) -> None:
+    """Copy every saved tensor into the model's parameter of that name — all checked first, then all
+    copied, so a mismatch leaves the model as it was."""
+    absent = [n for n in saved_params if n not in tensors]
+    if absent:
+        raise AdapterMismatchError(f"load_adapters: {folder / WEIGHTS_NAME} lacks {len(absent)} tensor(s) listed in "
+                                   f"{CONFIG_NAME}: {_short(absent)} (the folder is damaged; save again)")
+    shapes = [f"{n} {tuple(tensors[n].shape)} in the file, {tuple(named[n].shape)} in the model" for n in saved_params
+              if tuple(tensors[n].shape) != tuple(named[n].shape)]
+    if shapes:
+        raise AdapterMismatchError(f"load_adapters: {folder / WEIGHTS_NAME} disagrees with {CONFIG_NAME} on "
+                                   f"{len(shapes)} shape(s): {_short(shapes, 4)} (the folder is damaged; save again). "
+                                   f"The model was not changed.")
+    with torch.no_grad():
+        for n in saved_params:
+            named[n].copy_(tensors[n])

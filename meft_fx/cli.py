@@ -119,7 +119,6 @@ def _inspect(args) -> int:
     import meft_fx
     from meft_fx import ConversionError, MEFTConfig
     from meft_fx.inspection.debug_node import debug_node
-    from meft_fx.inspection.graphs import find_graph, format_program, graphs
 
     try:
         config = MEFTConfig(method=args.method, lam=args.lam, beta=args.beta, verbose=args.verbose)
@@ -127,12 +126,7 @@ def _inspect(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.verbose:
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        except Exception:  # noqa: BLE001 - cosmetic
-            pass
+        _disable_progress_bars()
     try:
         model, desc = load_model(args.model, args.layers, args.auto_class)
     except SystemExit as e:
@@ -151,35 +145,69 @@ def _inspect(args) -> int:
     actions = bool(args.graph or args.list_graphs or args.debug_node)
     status = 0
     if args.list_graphs or args.graph:
-        progs = graphs(rev)
-        if args.list_graphs:
-            for name, gm in progs.items():
-                print(f"{name:32s} made by {gm.meta.get('meft_pass', '?')}")
-        for name in args.graph:
-            try:
-                full, gm = find_graph(progs, name)
-            except KeyError as e:
-                print(f"error: {e.args[0]}", file=sys.stderr)
-                status = 2
-                continue
-            print(format_program(full, gm))
-    for node in args.debug_node:
+        status = _print_graphs(rev, args.list_graphs, args.graph)
+    _print_debug_nodes(rev, model, args.debug_node)
+    if not actions:
+        print(desc)
+        print(meft_fx.explain(rev, estimate_memory=not args.no_memory))
+    if args.draw and not _draw(rev, args.draw, args.no_memory):
+        return 2
+    return status
+
+
+def _disable_progress_bars() -> None:
+    """Turn off transformers' download/loading progress bars, if transformers allows it."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic
+        pass
+
+
+def _print_graphs(rev, list_graphs: bool, names) -> int:
+    """Print the graph names (with `list_graphs`) and each named graph; 2 when a name is unknown, else 0."""
+    from meft_fx.inspection.graphs import find_graph, format_program, graphs
+
+    status = 0
+    progs = graphs(rev)
+    if list_graphs:
+        for name, gm in progs.items():
+            print(f"{name:32s} made by {gm.meta.get('meft_pass', '?')}")
+    for name in names:
+        try:
+            full, gm = find_graph(progs, name)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            status = 2
+            continue
+        print(format_program(full, gm))
+    return status
+
+
+def _print_debug_nodes(rev, model, nodes) -> None:
+    """Print debug_node's report for each node, looking in the whole model when it is outside the converted part."""
+    from meft_fx.inspection.debug_node import debug_node
+
+    for node in nodes:
         rep = debug_node(rev, node)
         if not rep.found:  # outside the converted module(s): look in the whole model
             whole = debug_node(model, node)
             rep = whole if whole.found else rep
         print(rep)
-    if not actions:
-        print(desc)
-        print(meft_fx.explain(rev, estimate_memory=not args.no_memory))
-    if args.draw:
-        try:
-            meft_fx.draw(rev, args.draw, estimate_memory=not args.no_memory)
-        except (ValueError, ImportError) as e:
-            print(f"error: --draw {args.draw}: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.draw}")
-    return status
+
+
+def _draw(rev, path: str, no_memory: bool) -> bool:
+    """Write the picture to `path` and say so; False (with the error on stderr) when it cannot be drawn."""
+    import meft_fx
+
+    try:
+        meft_fx.draw(rev, path, estimate_memory=not no_memory)
+    except (ValueError, ImportError) as e:
+        print(f"error: --draw {path}: {e}", file=sys.stderr)
+        return False
+    print(f"wrote {path}")
+    return True
 
 
 def main(argv=None) -> int:

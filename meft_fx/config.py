@@ -112,7 +112,9 @@ class MEFTConfig:
             pretrained blocks, which preserves the pretrained model's output at initialisation;
             "mean" averages both streams as the paper's BERT code did.
         train_head: also train parameters outside the transformer's base model (a task head such as a
-            classifier) when the model has a separate `base_model`; everything pretrained stays frozen.
+            classifier) when the model has a separate `base_model` — those the caller left trainable: a
+            head whose parameters were frozen (requires_grad=False) stays frozen. Everything pretrained
+            and the output embeddings (tied to the input embeddings in causal LMs) stay frozen.
         capture: "export" (torch.export, non-strict, dynamic batch/sequence), "fx"
             (torch.fx.symbolic_trace, for plain modules), or "auto" (export, falling back to fx).
         inplace: False (default) converts a deep copy and leaves the caller's model untouched;

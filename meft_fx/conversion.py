@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import CallSpec, capture, is_transformers_model, normalize_inputs
+from .capture import CallSpec, capture, is_transformers_model, normalize_inputs, serves
 from .compilation import compile_like
 from .config import MEFTConfig
 from .errors import ConversionError
@@ -32,7 +32,9 @@ def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, ada
     """
     with _train_mode(module):
         gm, spec = capture(module, args, kwargs, config.capture)
+    sizes = gm.meta.get("static_sizes", ())
     result = run_pipeline(gm, config, adapters, progress=progress)
+    result.gm.meta["static_sizes"] = sizes
     if not result.analysis.stacks:
         raise ConversionError(f"{what}: no transformer layer to rewrite when capturing {spec.describe()} (looked "
                               f"for residual sub-blocks x + f(x), grouped as attention + FFN)", result.analysis.rejected)
@@ -44,9 +46,11 @@ class ConvertedModule(nn.Module):
     """Stands in for the module that held a transformer stack; called exactly like it.
 
     It runs the rewritten graph captured for the call's structure (which arguments are tensors or
-    None, flags). A call with a new structure (say, a padding mask where the first call had none)
-    is captured and rewritten once more, reusing the same adapters and pretrained parameters,
-    like torch.compile recompiling on a guard failure.
+    None, flags) and sizes (the dimensions the captured program holds fixed: a size-1 batch or
+    sequence in the example, say). A call with a new structure or such a size (a padding mask where
+    the first call had none, batch 4 after a batch-1 example) is captured and rewritten once more,
+    reusing the same adapters and pretrained parameters, like torch.compile recompiling on a guard
+    failure.
     """
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
@@ -57,7 +61,7 @@ class ConvertedModule(nn.Module):
         self.owner = owner
         self.meft_unmatched = list(unmatched)
         self.__dict__["_original"] = original
-        self.__dict__["_variants"] = {spec.key: gm}
+        self.__dict__["_variants"] = {spec.key: [gm]}
         self.__dict__["_config"] = config
         self.__dict__["_adapters"] = adapters
 
@@ -73,14 +77,14 @@ class ConvertedModule(nn.Module):
 
     @property
     def variants(self) -> int:
-        """How many call structures have been captured."""
-        return len(self._variants)
+        """How many call structures (and fixed sizes) have been captured."""
+        return sum(len(gms) for gms in self._variants.values())
 
     @property
     def graph_modules(self) -> list:
         """The rewritten GraphModule of every captured call structure, the first (main) one first."""
         main = self.graph_module
-        return [main] + [g for g in self._variants.values() if g is not main]
+        return [main] + [g for gms in self._variants.values() for g in gms if g is not main]
 
     @property
     def original(self) -> nn.Module:
@@ -89,11 +93,33 @@ class ConvertedModule(nn.Module):
 
     @property
     def config(self) -> MEFTConfig:
+        """The MEFTConfig later call structures are captured with."""
         return self._config
+
+    @config.setter
+    def config(self, config: MEFTConfig) -> None:
+        if not isinstance(config, MEFTConfig):
+            raise TypeError(f"config must be a meft_fx.MEFTConfig, got {type(config).__name__}")
+        self.__dict__["_config"] = config.validate()
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a model converted by meft_fx cannot be pickled (torch.save(model)): its rewritten graphs hold "
+            f"torch.export closures. Save what training changed with meft_fx.save_adapters(model, folder) (the "
+            f"adapters and a trained head, a few hundred KB) and load them into a fresh conversion of the same base "
+            f"model with meft_fx.load_adapters(meft_fx.convert(base, meft_fx.adapter_config(folder)), folder); or save "
+            f"model.state_dict(). ({self.owner or self.original_class})")
 
     def forward(self, *args, **kwargs):
         tensors, key = CallSpec.flatten(args, kwargs)
-        gm = self._variants.get(key)
+        gm = next((g for g in self._variants.get(key, ()) if serves(g, tensors)), None)
         if gm is None:
             gm = self._recapture(args, kwargs, key)
         if gm is not self.graph_module and gm.training != self.training:
@@ -111,7 +137,7 @@ class ConvertedModule(nn.Module):
         for p in gm.parameters():
             p.requires_grad_(id(p) in trainable)
         compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
-        self._variants[key] = gm
+        self._variants.setdefault(key, []).append(gm)
         return gm
 
 
@@ -146,7 +172,8 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _freeze(model: nn.Module, config: MEFTConfig) -> None:
+def _freeze(model: nn.Module, config: MEFTConfig, trainable_before: set) -> None:
+    """Train the adapters and, with `train_head`, the head parameters that were trainable before."""
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
@@ -159,7 +186,7 @@ def _freeze(model: nn.Module, config: MEFTConfig) -> None:
         if isinstance(out_emb, nn.Module):
             frozen |= {id(p) for p in out_emb.parameters()}
         for p in model.parameters():
-            if id(p) not in frozen:
+            if id(p) not in frozen and id(p) in trainable_before:
                 p.requires_grad_(True)
 
 
@@ -201,6 +228,39 @@ def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progres
     return out
 
 
+def _check_model(model) -> None:
+    """TypeError / ConversionError for what convert cannot take: not a module, converted, a PEFT model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    stacks = sum(isinstance(m, ReversibleStack) for m in model.modules())
+    if stacks or hasattr(model, "meft_config"):
+        raise ConversionError(f"{type(model).__name__} is already converted by meft_fx ({stacks} reversible stack(s)); "
+                              f"convert the original model, or load saved adapters into a fresh conversion with "
+                              f"meft_fx.load_adapters")
+    peft = next((type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")), None)
+    if peft is not None:
+        raise ConversionError(f"{type(model).__name__} holds PEFT modules ({peft}): meft_fx adds its own adapters and "
+                              f"would freeze PEFT's. Convert the base model instead (model.get_base_model(), or "
+                              f"merge_and_unload() to keep trained LoRA weights in the base)")
+
+
+#: Per-layer outputs a reversible stack cannot return (its layers' states are never stored).
+PER_LAYER_OUTPUTS = ("output_hidden_states", "output_attentions")
+
+
+def refuse_per_layer_outputs(model: nn.Module, args, kwargs):
+    """Forward pre-hook of a converted model: a clear error for per-layer outputs, never an empty tuple."""
+    cfg = getattr(model, "config", None)
+    for name in PER_LAYER_OUTPUTS:
+        asked = kwargs.get(name)
+        if asked or (asked is None and getattr(cfg, name, False) is True):
+            raise ValueError(f"{name}=True: a model converted by meft_fx cannot return per-layer "
+                             f"{name.split('_', 1)[1].replace('_', ' ')} (its reversible stack keeps no layer's "
+                             f"state; the layers' outputs would come back empty). Call it with {name}=False (and "
+                             f"set model.config.{name} = False), or use the unconverted model for them")
+    return None
+
+
 def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_inputs=None) -> nn.Module:
     """Rewrite `model` so that its transformer layers run as MEFT reversible couplings.
 
@@ -224,17 +284,18 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     if not isinstance(config, MEFTConfig):
         raise TypeError(f"config must be a meft_fx.MEFTConfig, got {type(config).__name__}")
     config.validate()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     progress = Progress(config.verbose)
     target = model if config.inplace else copy.deepcopy(model)
     if is_transformers_model(target) and hasattr(target.config, "use_cache"):
         target.config.use_cache = False
     args, kwargs = normalize_inputs(target, example_inputs)
     was_training = target.training
+    trainable_before = {id(p) for p in target.parameters() if p.requires_grad}
     out = _convert_owners(target, args, kwargs, config, progress)
-    _freeze(out, config)
+    _freeze(out, config, trainable_before)
     out.meft_config = config
+    out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)
     out.train(was_training)
     n_train = sum(p.numel() for p in out.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in out.parameters())

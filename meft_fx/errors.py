@@ -9,7 +9,7 @@ class ConversionError(RuntimeError):
     the pass that decided, in brackets).
     """
 
-    hint = ("To see why one node did not match: meft_fx.inspect.debug_node(model, NODE, example_inputs=...) or "
+    hint = ("To see why one node did not match: meft_fx.debug_node(model, NODE, example_inputs=...) or "
             "`python -m meft_fx inspect MODEL --debug-node NODE`.")
 
     def __init__(self, message: str, reasons: list[str] | None = None):

@@ -221,54 +221,9 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
         with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" or method in COMPILED_METHODS else None,
                                                       method):
             model = build_model(config, dtype, device, seed)
-            try:
-                runner, note = prepare(method, model, batch)
-            except Unavailable:
-                raise
-            except Exception as e:
-                raise Unavailable(f"{method} could not be set up: {type(e).__name__}: {_short(e)}") from e
+            runner, note = _prepare_or_unavailable(method, model, batch)
             row["note"] = note
-            params = [p for p in runner.parameters() if p.requires_grad]
-            row["trainable_params"] = int(sum(p.numel() for p in params))
-            if not params:
-                raise Unavailable("no trainable parameters")
-
-            def step():
-                out = runner(**batch)
-                out.loss.backward()
-
-            def zero():
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.zero_()
-
-            def timed_step():
-                zero()
-                step()
-
-            try:
-                torch.manual_seed(seed)
-                step()  # warm-up: compiles / captures, creates the .grad buffers
-            except Exception as e:
-                raise Unavailable(f"the training step raised {type(e).__name__}: {_short(e)}") from e
-            with_grad = sum(1 for p in params if p.grad is not None)
-            if with_grad == 0:
-                raise Unavailable("backward produced no gradient for any trainable parameter")
-            row["params_with_grad"] = f"{with_grad}/{len(params)}"
-            zero()
-            torch.manual_seed(seed)
-            mem = measure_step_memory(step, device)
-            row.update(activation_mib=mem.activation_bytes / MiB, peak_mib=mem.peak_bytes / MiB,
-                       retained_mib=mem.retained_bytes / MiB)
-            # What the forward leaves for the backward: live bytes between the two (loss kept alive).
-            zero()
-            kept: list = []
-            torch.manual_seed(seed)
-            fwd = measure_step_memory(lambda: kept.append(runner(**batch).loss), device)
-            kept[0].backward()
-            kept.clear()
-            row["saved_mib"] = fwd.retained_bytes / MiB
-            row["step_s"] = median_step_time(timed_step, warmup=0, repeats=repeats, device=device)
+            _measure_runner(runner, batch, device, repeats, seed, row)
     except Unavailable as e:
         row["status"] = f"unavailable: {e}"
     except Exception as e:  # a method must not take the whole benchmark down
@@ -277,6 +232,72 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
         del model, runner
         gc.collect()
     return row
+
+
+def _prepare_or_unavailable(method: str, model, batch: dict):
+    """`prepare(method, model, batch)`, any failure other than Unavailable reported as Unavailable."""
+    try:
+        return prepare(method, model, batch)
+    except Unavailable:
+        raise
+    except Exception as e:
+        raise Unavailable(f"{method} could not be set up: {type(e).__name__}: {_short(e)}") from e
+
+
+def _zero_grads(params) -> None:
+    """Zero the existing .grad buffers of `params` in place."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+
+
+def _measure_runner(runner, batch: dict, device, repeats: int, seed: int, row: dict) -> None:
+    """Fill `row` with trainable/with-grad counts, step memory, saved bytes and the median step time of `runner`."""
+    params = [p for p in runner.parameters() if p.requires_grad]
+    row["trainable_params"] = int(sum(p.numel() for p in params))
+    if not params:
+        raise Unavailable("no trainable parameters")
+
+    def step():
+        out = runner(**batch)
+        out.loss.backward()
+
+    def timed_step():
+        _zero_grads(params)
+        step()
+
+    _warm_up(step, params, seed, row)
+    _zero_grads(params)
+    torch.manual_seed(seed)
+    mem = measure_step_memory(step, device)
+    row.update(activation_mib=mem.activation_bytes / MiB, peak_mib=mem.peak_bytes / MiB,
+               retained_mib=mem.retained_bytes / MiB)
+    _zero_grads(params)
+    row["saved_mib"] = _saved_mib(runner, batch, device, seed)
+    row["step_s"] = median_step_time(timed_step, warmup=0, repeats=repeats, device=device)
+
+
+def _warm_up(step, params, seed: int, row: dict) -> None:
+    """Run the untimed first step (compiles / captures, creates the .grad buffers) and check gradients arrive."""
+    try:
+        torch.manual_seed(seed)
+        step()  # warm-up: compiles / captures, creates the .grad buffers
+    except Exception as e:
+        raise Unavailable(f"the training step raised {type(e).__name__}: {_short(e)}") from e
+    with_grad = sum(1 for p in params if p.grad is not None)
+    if with_grad == 0:
+        raise Unavailable("backward produced no gradient for any trainable parameter")
+    row["params_with_grad"] = f"{with_grad}/{len(params)}"
+
+
+def _saved_mib(runner, batch: dict, device, seed: int) -> float:
+    """MiB a forward leaves alive for its backward (live bytes between the two, the loss kept alive)."""
+    kept: list = []
+    torch.manual_seed(seed)
+    fwd = measure_step_memory(lambda: kept.append(runner(**batch).loss), device)
+    kept[0].backward()
+    kept.clear()
+    return fwd.retained_bytes / MiB
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,6 @@
 """
 from .call_spec import CallSpec
 from .inputs import default_inputs, is_transformers_model, normalize_inputs
-from .tracing import capture
+from .tracing import capture, serves
 
-__all__ = ["CallSpec", "capture", "default_inputs", "is_transformers_model", "normalize_inputs"]
+__all__ = ["CallSpec", "capture", "default_inputs", "is_transformers_model", "normalize_inputs", "serves"]

@@ -15,10 +15,27 @@ from .call_spec import CallSpec
 
 
 def _dynamic_spec(x):
+    """Every dimension AUTO: dynamic where the program allows. Export specializes size-1 dims (and
+    whatever the program fixes); `static_sizes` records them so that calls of other sizes re-capture."""
     if isinstance(x, torch.Tensor):
-        # Size-1 dimensions (e.g. the head axis of a [B, 1, T, T] mask) stay static: broadcasting needs them.
-        return {i: Dim.AUTO for i in range(x.dim()) if x.shape[i] != 1} or None
+        return {i: Dim.AUTO for i in range(x.dim())} or None
     return None
+
+
+def static_sizes(gm: fx.GraphModule) -> tuple:
+    """Per graph input tensor, the ((dim, size), ...) the captured program holds fixed (none for fx)."""
+    out = []
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        val = ph.meta.get("val")
+        shape = getattr(val, "shape", None) if isinstance(val, torch.Tensor) else None
+        out.append(tuple((d, int(s)) for d, s in enumerate(shape) if isinstance(s, int)) if shape is not None else ())
+    return tuple(out)
+
+
+def serves(gm: fx.GraphModule, tensors) -> bool:
+    """Whether the captured program `gm` accepts these call tensors' sizes (its fixed sizes match)."""
+    fixed = gm.meta.get("static_sizes", ())
+    return all(t.dim() > d and t.shape[d] == s for t, dims in zip(tensors, fixed) for d, s in dims)
 
 
 class _FlatCall(torch.nn.Module):
@@ -69,13 +86,16 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict, mode: str = "aut
     """
     spec = CallSpec(args, kwargs)
     flat = _flat_module(module, spec)
-    tensors = [x for x in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(x, torch.Tensor)]
+    # Contiguous copies: an exported program's guards on a view's strides fail at later calls; a
+    # program traced on contiguous inputs serves views and odd strides.
+    tensors = [x.contiguous() for x in pytree.tree_leaves((tuple(args), dict(kwargs))) if isinstance(x, torch.Tensor)]
     tried = []
     order = {"auto": ("export", "fx"), "export": ("export",), "fx": ("fx",)}[mode]
     for how in order:
         try:
             gm = _export(flat, tensors) if how == "export" else _fx(flat, tensors)
-            gm.meta = {"meft_pass": f"capture ({'torch.export' if how == 'export' else 'torch.fx'})"}
+            gm.meta = {"meft_pass": f"capture ({'torch.export' if how == 'export' else 'torch.fx'})",
+                       "static_sizes": static_sizes(gm) if how == "export" else ()}
             return gm, spec
         except Exception as e:  # noqa: BLE001 - report every tracer's failure together
             msg = str(e).strip().splitlines()

@@ -18,6 +18,9 @@ class Adapter(nn.Module):
     def __init__(self, dim: int, rank: int, activation: str = "relu", dropout: float = 0.1,
                  init_std: float = 0.02, dtype=None, device=None):
         super().__init__()
+        if rank > dim:
+            raise ValueError(f"MEFTConfig.adapter_rank={rank} exceeds the hidden size {dim} it adapts: a bottleneck "
+                             f"adapter needs rank ≤ {dim} (the paper uses 8 for BERT-size models)")
         self.down = nn.Linear(dim, rank, dtype=dtype, device=device)
         self.act = _ACTS[activation]()
         self.dropout = nn.Dropout(dropout)

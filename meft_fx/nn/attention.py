@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .dropout import apply_mask, keep_mask
 
-__all__ = ["AttentionWithDropout", "chunked_attention", "CHUNK_BYTES"]
+__all__ = ["AttentionWithDropout", "chunked_attention", "chunk_indices", "CHUNK_BYTES"]
 
 #: Bytes of one chunk's (…, L, S) score tensor in the compute dtype; a chunk is at least one
 #: (batch, head) slice. 2 MiB keeps BERT-base-sized chunks at one to a few batch elements.
@@ -89,7 +89,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunks(lead: tuple, row_bytes: int):
+def chunk_indices(lead: tuple, row_bytes: int):
     """Index tuples over the leading dims, in row-major order, each covering ≈ CHUNK_BYTES of scores."""
     if not lead:
         yield ()
@@ -119,7 +119,7 @@ class _ChunkedAttention(torch.autograd.Function):
         safe = _may_mask_a_row(attn_mask, is_causal)
         drop = torch.empty((*lead, L, S), dtype=torch.bool, device=q.device) if keep and p > 0 else None
         out = torch.empty((*lead, L, v.size(-1)), dtype=q.dtype, device=q.device)
-        for idx in _chunks(tuple(lead), L * S * torch.finfo(cdt).bits // 8):
+        for idx in chunk_indices(tuple(lead), L * S * torch.finfo(cdt).bits // 8):
             probs = _dropped_probs(qe[idx], ke[idx], None if mask is None else mask[idx], p, sf, cdt, safe,
                                    None if drop is None else drop[idx])
             out[idx] = torch.matmul(probs, ve[idx].to(cdt))
@@ -141,7 +141,7 @@ class _ChunkedAttention(torch.autograd.Function):
         dq = torch.empty(qe.shape, dtype=q.dtype, device=q.device) if need_q else None
         dk = torch.empty(ke.shape, dtype=k.dtype, device=k.device) if need_k else None
         dv = torch.empty(ve.shape, dtype=v.dtype, device=v.device) if need_v else None
-        for idx in _chunks(tuple(lead), L * S * torch.finfo(cdt).bits // 8):
+        for idx in chunk_indices(tuple(lead), L * S * torch.finfo(cdt).bits // 8):
             qc, kc, vc, do = qe[idx].to(cdt), ke[idx].to(cdt), ve[idx].to(cdt), dout[idx].to(cdt)
             probs = _probs(qc, kc, None if mask is None else mask[idx], sf, cdt, ctx.safe)
             dropped = apply_mask(probs, drop[idx], p) if p > 0 else probs

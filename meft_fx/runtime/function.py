@@ -46,6 +46,12 @@ class ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, d_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "meft_fx: backward with create_graph=True (double backward: gradient penalties, meta-learning) is not "
+                "supported by a reversible stack: its backward recomputes F and G and returns first-order gradients "
+                "only, so the second-order graph would be silently wrong. Convert with MEFTConfig(reversible=False) "
+                "(ordinary autograd, same network) for double backward.")
         stack, dtype = fctx.stack, fctx.dtype
         arith = stack.arithmetic
         h1, h2, *tctx = fctx.saved_tensors

@@ -32,8 +32,21 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
     out = output_node(gm)
     ipdom = nx.immediate_dominators(dag.reverse(copy=False), out)
     rejected: list[str] = []
-    units: list[ResidualUnit] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    units, fanouts, examples = _candidate_units(gm, dag, out, ipdom, order, rejected)
+    if not units:
+        rejected.append(_no_residual_reason(fanouts, examples))
+        return StreamAnalysis(stacks=[], rejected=rejected)
+    stacks = _Stream(gm, dag, out, ipdom, units, rejected).stacks(order)
+    _reject_off_stream(units, stacks, rejected)
+    return StreamAnalysis(stacks=stacks, rejected=rejected)
+
+
+# ----------------------------------------------------------------------------- candidate units
+
+def _candidate_units(gm, dag, out, ipdom, order, rejected) -> tuple[list, int, list]:
+    """(residual units, number of fan-outs, a few reconvergence notes) over every fan-out of the DAG."""
+    units: list[ResidualUnit] = []
     fanouts = 0
     examples: list[str] = []   # a few fan-outs and where they reconverge, for the error message
     for s in sorted(dag.nodes, key=order.__getitem__):
@@ -42,125 +55,181 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
         fanouts += 1
         e = ipdom.get(s)
         if len(examples) < 3:
-            examples.append(f"{s.name} reconverges at " + ("the output" if e is None or e is out or e is s else
-                                                           f"{e.name}{'' if is_add(e) else ' (not an add)'}"))
-        if e is None or e is s or e is out:
-            continue
-        if not is_add(e):
-            continue
-        operands = [a for a in e.args[:2]]
-        if s not in operands:
-            continue
-        other = operands[1] if operands[0] is s else operands[0]
-        if not isinstance(other, fx.Node) or other not in dag or not nx.has_path(dag, s, other):
-            rejected.append(f"[{PASS}] {describe(e)}: adds {s.name} to a value that does not depend on it (not a residual)")
-            continue
-        body = region(dag, s, e)
-        kind = "attention" if any(is_attention(gm, n) for n in body) else "ffn"
-        module = common_module(body - {e})
-        units.append(ResidualUnit(start=s.name, add=e.name, end=e.name, branch_out=other.name, kind=kind,
-                                  module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module)))
-    if not units:
-        if fanouts:
-            seen = f" ({'; '.join(examples)}{'; ...' if fanouts > len(examples) else ''})"
-            found = f"none of the {fanouts} values used more than once{seen} is re-joined by an add of itself and a " \
-                    f"branch computed from it (x + f(x))"
-        else:
-            found = "no value is used more than once, so none can be the x of a residual x + f(x)"
-        rejected.append(
-            f"[{PASS}] no residual connection found: {found}; a transformer layer has one per sub-block. What to do: "
+            examples.append(_reconvergence_note(s, e, out))
+        unit = _unit_at(gm, dag, s, e, out, rejected)
+        if unit is not None:
+            units.append(unit)
+    return units, fanouts, examples
+
+
+def _reconvergence_note(s, e, out) -> str:
+    """Where the fan-out `s` reconverges (its immediate post-dominator `e`), for the error message."""
+    return f"{s.name} reconverges at " + ("the output" if e is None or e is out or e is s else
+                                          f"{e.name}{'' if is_add(e) else ' (not an add)'}")
+
+
+def _unit_at(gm, dag, s, e, out, rejected) -> ResidualUnit | None:
+    """The residual unit entered at `s` and closed by its post-dominator `e`, or None when there is none."""
+    if e is None or e is s or e is out:
+        return None
+    if not is_add(e):
+        return None
+    operands = [a for a in e.args[:2]]
+    if s not in operands:
+        return None
+    other = operands[1] if operands[0] is s else operands[0]
+    if not isinstance(other, fx.Node) or other not in dag or not nx.has_path(dag, s, other):
+        rejected.append(f"[{PASS}] {describe(e)}: adds {s.name} to a value that does not depend on it (not a residual)")
+        return None
+    body = region(dag, s, e)
+    kind = "attention" if any(is_attention(gm, n) for n in body) else "ffn"
+    module = common_module(body - {e})
+    return ResidualUnit(start=s.name, add=e.name, end=e.name, branch_out=other.name, kind=kind,
+                        module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module))
+
+
+def _no_residual_reason(fanouts: int, examples: list) -> str:
+    """The rejection message when no fan-out is closed by a residual add."""
+    if fanouts:
+        seen = f" ({'; '.join(examples)}{'; ...' if fanouts > len(examples) else ''})"
+        found = f"none of the {fanouts} values used more than once{seen} is re-joined by an add of itself and a " \
+                f"branch computed from it (x + f(x))"
+    else:
+        found = "no value is used more than once, so none can be the x of a residual x + f(x)"
+    return (f"[{PASS}] no residual connection found: {found}; a transformer layer has one per sub-block. What to do: "
             f"convert a model whose layers add their input back (x + f(x)); if yours does, make sure the add is traced "
             f"as an add of that same tensor (not an in-place update through another reference)")
-        return StreamAnalysis(stacks=[], rejected=rejected)
 
-    nodes = {n.name: n for n in gm.graph.nodes}
-    by_start = {u.start: u for u in units}
-    unit_nodes = {}
-    for u in units:
-        for n in region(dag, nodes[u.start], nodes[u.add]):
-            unit_nodes[n] = u
 
-    def glue_to_next(u):
-        """Walk post-dominators from u's add to the next unit's entry; return (unit, glue nodes, steps)."""
-        n, steps = nodes[u.add], 0
-        while n is not None and n is not out and steps <= MAX_GLUE_STEPS:
-            if n.name in by_start and n.name != u.start:
-                v = by_start[n.name]
-                glue = region(dag, nodes[u.add], n) - {nodes[u.add]} if n is not nodes[u.add] else set()
-                if any(unit_nodes.get(g) not in (None, u) for g in glue - {n}) or len(glue) > MAX_GLUE_NODES:
-                    return None
-                return v, glue, steps
-            n = ipdom.get(n)
-            steps += 1
-        return None
-
-    links = {}
-    for u in units:
-        nxt = glue_to_next(u)
-        if nxt is not None:
-            links[u.start] = nxt
-    targets = {v.start for v, _, _ in links.values()}
-    def path(a, b):
-        """Post-dominator chain from a to b, both included."""
-        p = [a]
-        while p[-1] is not b:
-            p.append(ipdom[p[-1]])
-        return p
-
-    stacks = []
-    for u in units:
-        if u.start in targets:
-            continue  # not the head of a chain
-        canon = _shape_key(nodes[u.start])
-        u.entry = u.start
-        chain, glue_sigs = [u], []
-        while chain[-1].start in links:
-            cur = chain[-1]
-            v, glue, steps = links[cur.start]
-            # The state between two units is the last node on the way with the stream's shape
-            # (reshapes such as OPT's flattening for the FFN go with the unit that needs them).
-            boundary = [p for p in path(nodes[cur.add], nodes[v.start]) if _shape_key(p) == canon]
-            if not boundary or v in chain:
-                break
-            cur.end = v.entry = boundary[-1].name
-            glue_sigs.append((cur.kind, _signature(gm, glue), steps))
-            chain.append(v)
-        last = chain[-1]
-        # A trailing post-norm belongs to the last unit when the glue after the previous unit of the
-        # same kind is the same (post-norm: a norm after every unit; pre-norm: nothing between units).
-        same = [(sig, steps) for kind, sig, steps in glue_sigs if kind == last.kind]
-        if same and same[-1][0]:
-            sig, steps = same[-1]
-            n = nodes[last.add]
-            for _ in range(steps):
-                n = ipdom.get(n)
-                if n is None or n is out:
-                    break
-            if n is not None and n is not out:
-                glue = region(dag, nodes[last.add], n) - {nodes[last.add]}
-                if _signature(gm, glue) == sig and not any(g in unit_nodes for g in glue):
-                    canonical = [p for p in path(nodes[last.add], n) if _shape_key(p) == canon]
-                    if canonical:
-                        last.end = canonical[-1].name
-        while _shape_key(nodes[last.end]) != canon and len(chain) > 1:
-            rejected.append(f"[{PASS}] residual unit at {last.add} ends in a value of another shape than the stream; not rewritten")
-            chain.pop()
-            last = chain[-1]
-        if _shape_key(nodes[last.end]) != canon:
-            continue
-        for c in chain:
-            c.size = len(region(dag, nodes[c.entry], nodes[c.end]))
-        all_nodes = set()
-        for c in chain:
-            all_nodes |= region(dag, nodes[c.entry], nodes[c.end])
-        stacks.append(Stack(units=chain, owner=common_module(all_nodes)))
-    stacks.sort(key=lambda st: order[nodes[st.units[0].start]])
+def _reject_off_stream(units, stacks, rejected) -> None:
+    """Record the units that ended up in no stack (nested inside another unit's branch)."""
     # Nested units (inside another unit's branch) are not on any stream.
     on_stream = {id(u) for st in stacks for u in st.units}
     for u in units:
         if id(u) not in on_stream:
             rejected.append(f"[{PASS}] residual unit at {u.add} ({u.module or '?'}) is not on a stream; not rewritten")
-    return StreamAnalysis(stacks=stacks, rejected=rejected)
+
+
+# ----------------------------------------------------------------------------- linking units into stacks
+
+class _Stream:
+    """Links residual units into stacks along the post-dominator tree; holds the state shared by the steps."""
+
+    def __init__(self, gm, dag, out, ipdom, units, rejected):
+        self.gm, self.dag, self.out, self.ipdom = gm, dag, out, ipdom
+        self.units, self.rejected = units, rejected
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.by_start = {u.start: u for u in units}
+        self.unit_nodes = {}
+        for u in units:
+            for n in region(dag, self.nodes[u.start], self.nodes[u.add]):
+                self.unit_nodes[n] = u
+        self.links = {}
+        for u in units:
+            nxt = self._glue_to_next(u)
+            if nxt is not None:
+                self.links[u.start] = nxt
+
+    def stacks(self, order) -> list:
+        """Every stack, headed by a unit no other unit links to, sorted by graph order of its first unit."""
+        targets = {v.start for v, _, _ in self.links.values()}
+        stacks = []
+        for u in self.units:
+            if u.start in targets:
+                continue  # not the head of a chain
+            stack = self._stack_from(u)
+            if stack is not None:
+                stacks.append(stack)
+        stacks.sort(key=lambda st: order[self.nodes[st.units[0].start]])
+        return stacks
+
+    def _glue_to_next(self, u):
+        """Walk post-dominators from u's add to the next unit's entry; return (unit, glue nodes, steps)."""
+        nodes, by_start = self.nodes, self.by_start
+        n, steps = nodes[u.add], 0
+        while n is not None and n is not self.out and steps <= MAX_GLUE_STEPS:
+            if n.name in by_start and n.name != u.start:
+                v = by_start[n.name]
+                glue = region(self.dag, nodes[u.add], n) - {nodes[u.add]} if n is not nodes[u.add] else set()
+                if any(self.unit_nodes.get(g) not in (None, u) for g in glue - {n}) or len(glue) > MAX_GLUE_NODES:
+                    return None
+                return v, glue, steps
+            n = self.ipdom.get(n)
+            steps += 1
+        return None
+
+    def _path(self, a, b):
+        """Post-dominator chain from a to b, both included."""
+        p = [a]
+        while p[-1] is not b:
+            p.append(self.ipdom[p[-1]])
+        return p
+
+    def _stack_from(self, u) -> Stack | None:
+        """The stack headed by `u`, or None when its last unit cannot end in the stream's shape."""
+        canon = _shape_key(self.nodes[u.start])
+        u.entry = u.start
+        chain, glue_sigs = self._chain_from(u, canon)
+        self._absorb_trailing_glue(chain[-1], glue_sigs, canon)
+        if not self._trim_to_stream_shape(chain, canon):
+            return None
+        all_nodes = set()
+        for c in chain:
+            body = region(self.dag, self.nodes[c.entry], self.nodes[c.end])
+            c.size = len(body)
+            all_nodes |= body
+        return Stack(units=chain, owner=common_module(all_nodes))
+
+    def _chain_from(self, u, canon) -> tuple[list, list]:
+        """Follow the links from `u`, setting each boundary; return (units, (kind, glue signature, steps) per link)."""
+        chain, glue_sigs = [u], []
+        while chain[-1].start in self.links:
+            cur = chain[-1]
+            v, glue, steps = self.links[cur.start]
+            # The state between two units is the last node on the way with the stream's shape
+            # (reshapes such as OPT's flattening for the FFN go with the unit that needs them).
+            boundary = [p for p in self._path(self.nodes[cur.add], self.nodes[v.start]) if _shape_key(p) == canon]
+            if not boundary or v in chain:
+                break
+            cur.end = v.entry = boundary[-1].name
+            glue_sigs.append((cur.kind, _signature(self.gm, glue), steps))
+            chain.append(v)
+        return chain, glue_sigs
+
+    def _absorb_trailing_glue(self, last, glue_sigs, canon) -> None:
+        """Extend `last.end` over a trailing post-norm like the one after the previous unit of its kind."""
+        # A trailing post-norm belongs to the last unit when the glue after the previous unit of the
+        # same kind is the same (post-norm: a norm after every unit; pre-norm: nothing between units).
+        same = [(sig, steps) for kind, sig, steps in glue_sigs if kind == last.kind]
+        if not (same and same[-1][0]):
+            return
+        sig, steps = same[-1]
+        n = self._walk_up(self.nodes[last.add], steps)
+        if n is None or n is self.out:
+            return
+        glue = region(self.dag, self.nodes[last.add], n) - {self.nodes[last.add]}
+        if _signature(self.gm, glue) == sig and not any(g in self.unit_nodes for g in glue):
+            canonical = [p for p in self._path(self.nodes[last.add], n) if _shape_key(p) == canon]
+            if canonical:
+                last.end = canonical[-1].name
+
+    def _walk_up(self, n, steps):
+        """Follow up to `steps` post-dominators from `n`, stopping at None or the output."""
+        for _ in range(steps):
+            n = self.ipdom.get(n)
+            if n is None or n is self.out:
+                break
+        return n
+
+    def _trim_to_stream_shape(self, chain, canon) -> bool:
+        """Drop trailing units that end in another shape than the stream; False when the head itself does."""
+        last = chain[-1]
+        while _shape_key(self.nodes[last.end]) != canon and len(chain) > 1:
+            self.rejected.append(f"[{PASS}] residual unit at {last.add} ends in a value of another shape than the "
+                                 f"stream; not rewritten")
+            chain.pop()
+            last = chain[-1]
+        return _shape_key(self.nodes[last.end]) == canon
 
 
 def _shape_key(node) -> tuple | None:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import architectures
 import meft_fx
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")]
 
 WORLD = 2
 BATCH, SEQ = 4, 8

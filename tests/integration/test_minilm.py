@@ -39,3 +39,22 @@ def test_starting_point_and_trainable_fraction(minilm, method):
     n_train = sum(p.numel() for p in rev.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in rev.parameters())
     assert 0 < n_train <= 0.03 * n_all
+
+
+def test_tokenizer_batches_of_every_shape_in_a_row(minilm):
+    """One sentence, then two padded, then two unpadded (BERT then drops the mask): each call of the
+    same structure is served, and matches the unconverted model where it should (issue 14, item 2)."""
+    model, _, _ = minilm
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    rev = meft_fx.convert(model, example_inputs=dict(tok(SENTENCES[:1], padding="longest", return_tensors="pt")))
+    rev.eval()
+    calls = [SENTENCES[:1], SENTENCES[:2], [SENTENCES[0], SENTENCES[0]], SENTENCES, SENTENCES[2:3]]
+    for sentences in calls:
+        batch = dict(tok(sentences, padding="longest", return_tensors="pt"))
+        with torch.no_grad():
+            out, ref = rev(**batch).last_hidden_state, model(**batch).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        cos = torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean().item()
+        assert out.shape == ref.shape and cos >= 0.95, (len(sentences), cos)
+    rev.train()
+    rev(**dict(tok(SENTENCES[:2], padding="longest", return_tensors="pt"))).last_hidden_state.sum().backward()

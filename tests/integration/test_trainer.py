@@ -58,6 +58,7 @@ def logits_of(model, tok, texts):
     return out
 
 
+@pytest.mark.slow  # ~30 s: a real Trainer run with checkpoints
 def test_hf_trainer_fine_tunes_converted_minilm_then_adapters_round_trip(minilm, tmp_path):
     path, tok = minilm
     train, held = sentiment_task()

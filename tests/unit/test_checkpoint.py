@@ -149,3 +149,75 @@ def test_unconverted_model_and_missing_folder(saved, tmp_path):
         meft_fx.save_adapters(arch.model, tmp_path)
     with pytest.raises(FileNotFoundError, match="meft_fx.save_adapters"):
         meft_fx.load_adapters(rev, tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- damaged folders (issue 14)
+
+def _damaged_copy(folder, tmp_path, name):
+    import shutil
+    out = tmp_path / name
+    shutil.copytree(folder, out)
+    return out
+
+
+def _adapter_values(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_folder_whose_weights_disagree_with_its_json_changes_nothing(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, base_dir, _, _, folder = saved
+    bad = _damaged_copy(folder, tmp_path, "bad")
+    tensors = load_file(str(bad / WEIGHTS_NAME))
+    last = sorted(tensors)[-1]
+    tensors[last] = torch.zeros(3, 3, dtype=tensors[last].dtype)  # one tensor of another shape, the rest fine
+    save_file(tensors, str(bad / WEIGHTS_NAME))
+    record = json.loads((bad / CONFIG_NAME).read_text())
+    record.pop("weights_sha256")  # as an older save would be: the shape check alone must catch it
+    (bad / CONFIG_NAME).write_text(json.dumps(record))
+    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
+    before = _adapter_values(fresh)
+    with pytest.raises(meft_fx.AdapterMismatchError, match="disagrees with .* shape.*not changed"):
+        meft_fx.load_adapters(fresh, bad)
+    after = _adapter_values(fresh)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # not one parameter overwritten
+
+
+def test_flipped_bytes_in_the_weights_are_detected(saved, tmp_path):
+    _, base_dir, _, _, folder = saved
+    bad = _damaged_copy(folder, tmp_path, "flipped")
+    data = bytearray((bad / WEIGHTS_NAME).read_bytes())
+    for i in range(len(data) - 100, len(data)):  # 100 bytes of the data region
+        data[i] ^= 0xFF
+    (bad / WEIGHTS_NAME).write_bytes(bytes(data))
+    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
+    with pytest.raises(meft_fx.AdapterMismatchError, match="SHA-256"):
+        meft_fx.load_adapters(fresh, bad)
+
+
+@pytest.mark.parametrize("which", [CONFIG_NAME, WEIGHTS_NAME])
+def test_truncated_files_are_named(saved, tmp_path, which):
+    _, base_dir, _, _, folder = saved
+    bad = _damaged_copy(folder, tmp_path, "truncated")
+    data = (bad / which).read_bytes()
+    (bad / which).write_bytes(data[: len(data) // 2])
+    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
+    with pytest.raises(ValueError) as e:
+        meft_fx.load_adapters(fresh, bad)
+    assert str(bad / which) in str(e.value) and ("truncated" in str(e.value) or "damaged" in str(e.value))
+
+
+def test_a_base_in_another_dtype_is_named_as_such(saved):
+    _, base_dir, _, _, folder = saved
+    fresh = meft_fx.convert(fresh_base(base_dir).to(torch.float32), adapter_config(folder))
+    with pytest.raises(meft_fx.AdapterMismatchError, match=r"base model dtype: .*float64 base.*float32") as e:
+        meft_fx.load_adapters(fresh, folder)
+    assert "frozen tensors differ" not in str(e.value)
+
+
+def test_save_leaves_no_temporary_files_and_records_the_hash(saved):
+    *_, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    record = json.loads((folder / CONFIG_NAME).read_text())
+    import hashlib
+    assert record["weights_sha256"] == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()

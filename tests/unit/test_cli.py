@@ -70,3 +70,15 @@ def test_cli_help_documents_every_option(capsys):
 def test_tiny_config_is_small():
     cfg = tiny_config(transformers.GPT2Config, layers=4)
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head) == (32, 4, 4) and cfg.vocab_size > cfg.eos_token_id
+
+
+def test_help_answers_without_importing_torch():
+    """`python -m meft_fx --help` must answer at once: neither meft_fx nor the CLI import torch to print it."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\nsys.argv = ['meft_fx', 'inspect', '--help']\ntry:\n"
+            "    runpy.run_module('meft_fx', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TORCH_IMPORTED', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "PATH_OR_NAME" in out and "TORCH_IMPORTED False" in out

@@ -38,6 +38,8 @@ def test_bad_choice_names_field_and_allowed_values(field, value, allowed):
 @pytest.mark.parametrize("field,value", [
     ("lam", 0.0), ("lam", -1.0), ("lam", 2.0), ("beta", "0.1"), ("adapter_rank", 0), ("adapter_rank", 2.5),
     ("adapter_dropout", 1.0), ("adapter_init_std", 0.0), ("reversible", "yes"),
+    ("adapter_init_std", float("inf")), ("adapter_init_std", float("nan")), ("frac_bits", 4), ("frac_bits", 63),
+    ("lam", 2.0 ** -63), ("beta", 2.0 ** -17),
 ])
 def test_bad_numbers_raise_value_error_naming_field(field, value):
     with pytest.raises(ValueError, match=f"MEFTConfig.{field}="):
@@ -47,3 +49,19 @@ def test_bad_numbers_raise_value_error_naming_field(field, value):
 def test_to_dict_round_trips():
     cfg = MEFTConfig(method="meft1", lam=0.25, adapter_rank=4)
     assert MEFTConfig(**cfg.to_dict()) == cfg
+
+
+def test_tiny_float_scales_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"MEFTConfig.lam=1e-300 is below .*non-finite gradients"):
+        MEFTConfig(numerics="float", lam=1e-300)
+    MEFTConfig(numerics="float", lam=2.0 ** -16)  # the smallest accepted
+
+
+def test_a_config_changed_in_place_is_caught_by_validate():
+    cfg = MEFTConfig()
+    cfg.lam = 2.0 ** -63
+    with pytest.raises(ValueError, match="MEFTConfig.lam="):
+        cfg.validate()
+    cfg.lam, cfg.adapter_init_std = None, float("inf")
+    with pytest.raises(ValueError, match="MEFTConfig.adapter_init_std=inf"):
+        cfg.validate()

@@ -65,7 +65,7 @@ def test_chunked_attention_is_sdpa_math_given_the_same_dropout_mask(case, chunk_
     B, H, L, S, E, kind, causal, scale, Hkv = CASES[case]
     monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
     if chunk_bytes == 1:  # the test really runs many chunks (over batch and heads)
-        assert len(list(attention._chunks((B, H), L * S * 8))) == B * H
+        assert len(list(attention.chunk_indices((B, H), L * S * 8))) == B * H
     q, k, v = _qkv(B, H, L, S, E, Hkv=Hkv)
     mask = _mask(kind, B, L, S, q.dtype)
     out, ref, grads, ref_grads = _against_math(q, k, v, mask, 0.2, causal, scale, Hkv is not None)

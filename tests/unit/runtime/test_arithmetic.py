@@ -36,7 +36,7 @@ METHODS = ["meft1", "meft2", "meft3"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = 24
 SMALL = 2  # layers of the model the fast tests share
-TOL = 1e-3
+TOL = 1e-3  # float numerics: what "right" would mean; exact numerics are held to 0 (bit-identical, as the README says)
 
 
 # ----------------------------------------------------------------------------- models and helpers
@@ -164,7 +164,7 @@ def test_exact_reversible_gradients_equal_reference_24_layers(kind, dtype, metho
     assert num_variants(model) == 1  # the reference ran the same graph, flag flipped
     worst = max_rel_err(g_rev, g_ref)
     print(f"{kind} {dtype} {method}: max rel grad err {worst:.3g}")
-    assert worst <= TOL
+    assert worst == 0
 
 
 @pytest.mark.slow
@@ -233,7 +233,7 @@ def test_minilm_bf16_exact_gradients_equal_reference(minilm_bf16, method):
     g_rev, g_ref = reversible_and_reference_grads(rev, inputs, loss=weighted_sum)
     worst = max_rel_err(g_rev, g_ref)
     print(f"minilm bf16 {method}: max rel grad err {worst:.3g}")
-    assert worst <= TOL
+    assert worst == 0
 
 
 # ----------------------------------------------------------------------------- bit-exact inverse
@@ -324,7 +324,7 @@ def test_autocast_exact_fp32_model_trains_under_bf16_autocast():
             g_rev, g_ref = reversible_and_reference_grads(model, batch("bert"))
     finally:
         h.remove()
-    assert max_rel_err(g_rev, g_ref) <= TOL
+    assert max_rel_err(g_rev, g_ref) == 0
     # forward, recompute in backward, reference forward: all under the same autocast state
     assert len(calls) == 3 and all(a == (True, torch.bfloat16) for a in calls), calls
 

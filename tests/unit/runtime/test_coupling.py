@@ -132,3 +132,35 @@ def test_zero_scale_is_rejected():
         Coupling(nn.Identity(), nn.Identity(), 0.0, 1.0, False)
     with pytest.raises(ValueError, match="power of two"):
         ReversibleStack([Coupling(nn.Identity(), nn.Identity(), 0.1, 1.0, False)], 0, 1, numerics="exact")
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    stack = make_stack(2, 8, SCALES["meft3"], True)
+    x = torch.randn(2, 3, 8, dtype=torch.double)
+    loss = stack(x, torch.randn(2, 3, 8, dtype=torch.double)).square().sum()
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*MEFTConfig\(reversible=False\)"):
+        torch.autograd.grad(loss, list(stack.parameters()), create_graph=True)
+    ref = make_stack(2, 8, SCALES["meft3"], False)  # the suggested way: ordinary autograd supports it
+    loss = ref(x, torch.randn(2, 3, 8, dtype=torch.double)).square().sum()
+    grads = torch.autograd.grad(loss, list(ref.parameters()), create_graph=True, allow_unused=True)
+    sum(g.square().sum() for g in grads if g is not None).backward()
+
+
+def test_exact_overflow_names_the_coupling_and_a_followable_fix():
+    from meft_fx.runtime import fixed_point as fxp
+
+    big = Coupling(nn.Identity(), Block(8), 2.0 ** -4, 2.0 ** -4, False)
+    big.F = _Scale(2.0 ** 40)
+    stack = ReversibleStack([big], 0, 1, numerics="exact").double().eval()
+    with pytest.raises(ValueError, match=r"coupling 0: quantize: .*overflow.*MEFTConfig\(frac_bits=") as e:
+        stack(torch.ones(1, 2, 8, dtype=torch.double))
+    assert "fewer fractional bits" not in str(e.value) and fxp.OVERFLOW_ADVICE in str(e.value)
+
+
+class _Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x, *context):
+        return x * self.s
