@@ -30,7 +30,6 @@ import bz2
 import csv
 import importlib.metadata
 import io
-import math
 import os
 import random
 import statistics
@@ -287,7 +286,7 @@ def _print_table(rows, meft_label, n_held: int, args, t_start: float) -> None:
     names = {"meft": "MEFT (meft_fx)", "lora": "LoRA (peft, r=8, q/v)", "full": "full fine-tuning"}
     if meft_label:
         names["meft"] = f"MEFT (meft_fx, {meft_label})"
-    print(f"\n| method | trainable params | lr | held-out accuracy | activation memory (MiB) | step time (s) |")
+    print("\n| method | trainable params | lr | held-out accuracy | activation memory (MiB) | step time (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for method, n_train, lr, acc, mem, step_s in rows:
         print(f"| {names[method]} | {n_train:,} | {lr:g} | {100 * acc:.1f}% | {mem / 2**20:.1f} | {step_s:.3f} |")

@@ -37,7 +37,6 @@ before `torch.compile`, or use `meft_fx.compile(converted, ...)`, which does bot
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .runtime import ReversibleStack

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 

@@ -15,10 +15,11 @@ from .call_spec import CallSpec
 
 
 def _dynamic_spec(x):
-    """Every dimension AUTO: dynamic where the program allows. Export specializes size-1 dims (and
-    whatever the program fixes); `static_sizes` records them so that calls of other sizes re-capture."""
+    """Every dimension of size > 1 AUTO (dynamic where the program allows). Size-1 dims stay static
+    (export would specialize them anyway, with a warning); `static_sizes` records every fixed size,
+    so that a call of other sizes is captured again instead of failing a guard."""
     if isinstance(x, torch.Tensor):
-        return {i: Dim.AUTO for i in range(x.dim())} or None
+        return {i: Dim.AUTO for i in range(x.dim()) if x.shape[i] != 1} or None
     return None
 
 

@@ -57,6 +57,9 @@ class StreamArithmetic:
     #: λ and β must be powers of two 2^-k (the scaling is a shift).
     powers_of_two = False
 
+    def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS):
+        """Settings an arithmetic does not use (float streams: `frac_bits`) are ignored."""
+
     @property
     def key(self) -> tuple:
         """What distinguishes the programs this arithmetic generates (part of the program cache key)."""
@@ -239,5 +242,4 @@ def make_arithmetic(numerics: str, frac_bits: int = fxp.DEFAULT_FRAC_BITS) -> St
     """The arithmetic named `numerics` ("float" or "exact"); `frac_bits` for fixed point."""
     if numerics not in ARITHMETICS:
         raise ValueError(f"numerics={numerics!r}: expected one of {', '.join(map(repr, ARITHMETICS))}")
-    cls = ARITHMETICS[numerics]
-    return cls(frac_bits) if cls is FixedPointStreams else cls()
+    return ARITHMETICS[numerics](frac_bits=frac_bits)

@@ -23,17 +23,25 @@ from __future__ import annotations
 import copy
 import operator
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .replay import record_rng, replay_vjp
 from .saved import add_grads, cast_grad, scale_grad
 
-__all__ = ["coupling_program", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
+__all__ = ["coupling_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "meft_pass"
 PROGRAMS = ("forward", "inverse", "backward")
+
+
+class CouplingProgram(fx.GraphModule):
+    """A generated coupling program. Its F and G are the coupling's own modules: (re)compiling the
+    program's code leaves theirs alone (fx would regenerate child GraphModules, which would throw
+    away what torch.compile compiled for them)."""
+
+    def _recompile_submodules(self):
+        return []
 
 
 class _Emitter:
@@ -88,20 +96,33 @@ def _forward(e: _Emitter) -> None:
     g.output(((y2, y1) if c.swap else (y1, y2)) + (r1, r2))
 
 
-def _inverse(e: _Emitter, with_vjp: bool) -> None:
+def _stream_inputs(e: _Emitter, a: str, b: str):
+    """Placeholders of the equations' values a, b, taken in stream order: after a swapping coupling
+    the streams (h1, h2) hold (b, a)."""
+    if e.c.swap:
+        nb, na = e.inputs(b, a)
+        return na, nb
+    return tuple(e.inputs(a, b))
+
+
+def _inverse(e: _Emitter) -> None:
     c, g = e.c, e.g
-    order = (1, 0) if c.swap else (0, 1)  # the streams (h1, h2) hold (y2, y1) after a swapping coupling
-    h = e.inputs(*[("y1", "y2")[j] for j in order], "r1", "r2")
-    (y1, y2), (r1, r2) = (h[order[0]], h[order[1]]), h[2:]
-    if with_vjp:
-        d = e.inputs(*[("dy1", "dy2")[j] for j in order], "tape")
-        (dy1, dy2), e.tape = (d[order[0]], d[order[1]]), d[2]
+    y1, y2 = _stream_inputs(e, "y1", "y2")
+    r1, r2 = e.inputs("r1", "r2")
     e.context()
-    if not with_vjp:
-        x2 = e.restore(y2, e.call("G", y1), r2, c.beta, "x2")
-        x1 = e.restore(y1, e.call("F", x2), r1, c.lam, "x1")
-        g.output((x1, x2))
-        return
+    x2 = e.restore(y2, e.call("G", y1), r2, c.beta, "x2")
+    x1 = e.restore(y1, e.call("F", x2), r1, c.lam, "x1")
+    g.output((x1, x2))
+
+
+def _backward(e: _Emitter) -> None:
+    """The inverse, with F and G run through `replay_vjp` and the stream gradients alongside."""
+    c, g = e.c, e.g
+    y1, y2 = _stream_inputs(e, "y1", "y2")
+    r1, r2 = e.inputs("r1", "r2")
+    dy1, dy2 = _stream_inputs(e, "dy1", "dy2")
+    (e.tape,) = e.inputs("tape")
+    e.context()
     out_g, d_y1 = e.vjp("G", y1, dy2)
     x2 = e.restore(y2, out_g, r2, c.beta, "x2")
     dy1 = g.create_node("call_function", add_grads, (dy1, d_y1), name="dy1_total")
@@ -113,7 +134,7 @@ def _inverse(e: _Emitter, with_vjp: bool) -> None:
     g.output((x1, x2, dx1, dx2))
 
 
-_BUILDERS = {"forward": _forward, "inverse": lambda e: _inverse(e, False), "backward": lambda e: _inverse(e, True)}
+_BUILDERS = {"forward": _forward, "inverse": _inverse, "backward": _backward}
 
 
 def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.GraphModule:
@@ -131,7 +152,7 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
     for n in e.g.nodes:
         n.meta[PROVENANCE_KEY] = "codegen"
     e.g.lint()
-    gm = fx.GraphModule(root, e.g, class_name=f"Coupling{which.capitalize()}")
+    gm = CouplingProgram(root, e.g, class_name=f"Coupling{which.capitalize()}")
     note = (f"MEFT coupling {which}, {arith.name} streams, λ={coupling.lam:g} β={coupling.beta:g}"
             + (", swap" if coupling.swap else ""))
     return label_program(gm, "codegen", f"coupling/{which}", note)

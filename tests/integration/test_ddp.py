@@ -9,7 +9,6 @@ padding and rank 1's has, so the ranks run different captured call structures (v
 import functools
 import os
 import socket
-import sys
 import traceback
 from datetime import timedelta
 

@@ -99,6 +99,7 @@ def test_hf_trainer_fine_tunes_converted_minilm_then_adapters_round_trip(minilm,
     assert torch.equal(logits_of(fresh, tok, texts), ref)
 
 
+@pytest.mark.slow  # ~7 s
 def test_plain_loop_with_gradient_clipping(minilm):
     path, tok = minilm
     train, _ = sentiment_task(n_train=96)

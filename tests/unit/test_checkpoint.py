@@ -164,7 +164,14 @@ def _adapter_values(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_a_folder_whose_weights_disagree_with_its_json_changes_nothing(saved, tmp_path):
+@pytest.fixture(scope="module")
+def fresh(saved):
+    """A fresh conversion of the saved base, shared by the damaged-folder tests (a refused load changes nothing)."""
+    _, base_dir, _, _, folder = saved
+    return meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
+
+
+def test_a_folder_whose_weights_disagree_with_its_json_changes_nothing(saved, fresh, tmp_path):
     from safetensors.torch import load_file, save_file
     _, base_dir, _, _, folder = saved
     bad = _damaged_copy(folder, tmp_path, "bad")
@@ -175,7 +182,6 @@ def test_a_folder_whose_weights_disagree_with_its_json_changes_nothing(saved, tm
     record = json.loads((bad / CONFIG_NAME).read_text())
     record.pop("weights_sha256")  # as an older save would be: the shape check alone must catch it
     (bad / CONFIG_NAME).write_text(json.dumps(record))
-    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
     before = _adapter_values(fresh)
     with pytest.raises(meft_fx.AdapterMismatchError, match="disagrees with .* shape.*not changed"):
         meft_fx.load_adapters(fresh, bad)
@@ -183,25 +189,23 @@ def test_a_folder_whose_weights_disagree_with_its_json_changes_nothing(saved, tm
     assert all(torch.equal(before[n], after[n]) for n in before)  # not one parameter overwritten
 
 
-def test_flipped_bytes_in_the_weights_are_detected(saved, tmp_path):
+def test_flipped_bytes_in_the_weights_are_detected(saved, fresh, tmp_path):
     _, base_dir, _, _, folder = saved
     bad = _damaged_copy(folder, tmp_path, "flipped")
     data = bytearray((bad / WEIGHTS_NAME).read_bytes())
     for i in range(len(data) - 100, len(data)):  # 100 bytes of the data region
         data[i] ^= 0xFF
     (bad / WEIGHTS_NAME).write_bytes(bytes(data))
-    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
     with pytest.raises(meft_fx.AdapterMismatchError, match="SHA-256"):
         meft_fx.load_adapters(fresh, bad)
 
 
 @pytest.mark.parametrize("which", [CONFIG_NAME, WEIGHTS_NAME])
-def test_truncated_files_are_named(saved, tmp_path, which):
+def test_truncated_files_are_named(saved, fresh, tmp_path, which):
     _, base_dir, _, _, folder = saved
     bad = _damaged_copy(folder, tmp_path, "truncated")
     data = (bad / which).read_bytes()
     (bad / which).write_bytes(data[: len(data) // 2])
-    fresh = meft_fx.convert(fresh_base(base_dir), adapter_config(folder))
     with pytest.raises(ValueError) as e:
         meft_fx.load_adapters(fresh, bad)
     assert str(bad / which) in str(e.value) and ("truncated" in str(e.value) or "damaged" in str(e.value))

@@ -3,7 +3,7 @@ import torch
 
 from meft_fx import passes
 from architectures import make
-from helpers import captured, layer_outputs
+from helpers import captured
 from meft_fx import MEFTConfig
 from meft_fx.nn.adapter import Adapter
 from meft_fx.passes.fx.provenance import module_paths
