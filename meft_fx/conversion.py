@@ -287,8 +287,10 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     _check_model(model)
     progress = Progress(config.verbose)
     target = model if config.inplace else copy.deepcopy(model)
-    if is_transformers_model(target) and hasattr(target.config, "use_cache"):
-        target.config.use_cache = False
+    if is_transformers_model(target):  # a KV cache cannot be captured: generate() runs uncached
+        for cfg in (target.config, getattr(target, "generation_config", None)):
+            if hasattr(cfg, "use_cache"):
+                cfg.use_cache = False
     args, kwargs = normalize_inputs(target, example_inputs)
     was_training = target.training
     trainable_before = {id(p) for p in target.parameters() if p.requires_grad}

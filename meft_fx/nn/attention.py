@@ -11,7 +11,7 @@ set is the largest thing alive (12 MiB each for a BERT layer at batch 8, sequenc
     backward:  per chunk  recompute P, then dv = Pdᵀ·dout, dP = (dout·vᵀ) ∘ keep / (1 − p),
                dS = softmax_backward(dP, P), dq = dS·k·scale, dk = dSᵀ·q·scale
 
-The dropout masks come from `meft_fx.dropout.keep_mask` (`torch.rand`, half the CPU time of the
+The dropout masks come from `meft_fx.nn.dropout.keep_mask` (`torch.rand`, half the CPU time of the
 `bernoulli_` SDPA uses; not the same numbers for the same seed), drawn chunk by chunk in row-major
 order, which is the same mask as drawing the whole tensor at once. Numerics otherwise follow SDPA's
 math path: q and k are each scaled by √scale, bf16/fp16 are computed in fp32, all-masked rows give

@@ -2,9 +2,9 @@
 
 torch.export bakes train mode into the graph: `aten.dropout(x, p, True)` and attention dropout
 inside `scaled_dot_product_attention(..., dropout_p)`. After this pass, dropouts are
-`meft_fx.dropout.Dropout` modules (an `nn.Dropout` whose masks are drawn with `torch.rand`, half
+`meft_fx.nn.dropout.Dropout` modules (an `nn.Dropout` whose masks are drawn with `torch.rand`, half
 the CPU time of `bernoulli_`) and dropping attention is an `AttentionWithDropout` module
-(`meft_fx.attention`: in training it keeps no (batch, heads, L, S) tensor for the backward), so the
+(`meft_fx.nn.attention`: in training it keeps no (batch, heads, L, S) tensor for the backward), so the
 captured graph follows the module's mode like the original model did. Masks have the original's
 distribution but are not the numbers the original draws for the same seed.
 """
@@ -44,7 +44,7 @@ def _sdpa_to_module(gm: fx.GraphModule, n: fx.Node) -> None:
 
 
 def dropout_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace functional dropout calls by fresh `meft_fx.dropout.Dropout(p)` submodules and dropping
+    """Replace functional dropout calls by fresh `meft_fx.nn.dropout.Dropout(p)` submodules and dropping
     attention by `AttentionWithDropout` submodules; drop the ones that are off (p = 0 or train=False)."""
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target == aten.scaled_dot_product_attention.default:

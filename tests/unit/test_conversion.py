@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import meft_fx
+from untraceable import Untraceable
 from architectures import ARCHITECTURES, make
 from meft_fx import ConversionError, MEFTConfig
 from meft_fx.conversion import ConvertedModule
@@ -197,17 +198,6 @@ class NoBlocks(nn.Module):
         return self.mlp(self.emb(ids)).mean(1)
 
 
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow
-            return self.lin(x)
-        return x
-
-
 def test_no_transformer_block_raises_conversion_error():
     with pytest.raises(ConversionError) as e:
         meft_fx.convert(NoBlocks(), example_inputs=(torch.randint(0, 50, (2, 5)),))
@@ -340,3 +330,14 @@ def test_frac_bits_reaches_the_stacks():
     rev = meft_fx.convert(make("bert").model, MEFTConfig(frac_bits=24))
     stacks = [m for m in rev.modules() if isinstance(m, ReversibleStack)]
     assert stacks and all(s.frac_bits == 24 for s in stacks)
+
+
+def test_generate_with_default_arguments_runs_uncached():
+    """convert turns the KV cache off in the config *and* the generation config, so a plain
+    `generate()` works (uncached; a cached path is issue 17)."""
+    arch = make("llama")
+    rev = meft_fx.convert(arch.model).eval()
+    ids = arch.make_inputs(2, 5)["input_ids"]
+    out = rev.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 8) and torch.equal(out[:, :5], ids)
+    assert rev.generation_config.use_cache is False

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import meft_fx
+from untraceable import Untraceable
 from meft_fx import MEFTConfig
 from meft_fx.runtime import ReversibleStack
 from meft_fx.inspection.debug_node import debug_node
@@ -101,17 +102,6 @@ class NoBlocks(nn.Module):
     def forward(self, ids):
         h = self.emb(ids)
         return (self.a(h) * self.b(h)).mean(1)  # h fans out but re-joins in a product, not x + f(x)
-
-
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow
-            return self.lin(x)
-        return x
 
 
 IDS = (torch.randint(0, 50, (2, 5)),)
@@ -334,7 +324,7 @@ def test_untraceable_error_names_source_line_pass_and_fix():
         meft_fx.convert(Untraceable(), example_inputs=(torch.randn(2, 4),))
     msg = str(e.value)
     assert "[capture]" in msg and "What to try" in msg and "torch.export" in msg and "torch.fx.symbolic_trace" in msg
-    assert "test_inspection.py:" in msg and "if x.sum() > 0" in msg  # the line the tracer failed on
+    assert "untraceable.py:" in msg and "if x.sum() > 0" in msg  # the line the tracer failed on
 
 
 def test_bad_config_error_names_field_and_choices():
