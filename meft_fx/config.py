@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
+from .nn.head_loss import DEFAULT_CHUNK_BYTES
 from .runtime.arithmetic import ARITHMETICS, exponent_of
 from .runtime.fixed_point import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
 
@@ -56,6 +57,8 @@ ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 #: numerics="exact": λ and β are powers of two 2^-k; k when `lam`/`beta` are None, chosen by
 #: measurement on all-MiniLM-L6-v2 (starting-point cosine vs bits stored; see the README).
 EXACT_DEFAULT_K = 4
+#: `MEFTConfig.recompute_chunk_bytes` default: 1 MiB of a position-wise block's widest activation per chunk.
+DEFAULT_RECOMPUTE_CHUNK_BYTES = 2 ** 20
 #: The smallest λ / β accepted (see `MEFTConfig.validate`).
 MIN_SCALE_K = 16
 MIN_SCALE = 2.0 ** -MIN_SCALE_K
@@ -115,6 +118,18 @@ class MEFTConfig:
             classifier) when the model has a separate `base_model` — those the caller left trainable: a
             head whose parameters were frozen (requires_grad=False) stays frozen. Everything pretrained
             and the output embeddings (tied to the input embeddings in causal LMs) stay frozen.
+        chunk_loss: in training, compute a vocabulary head's cross-entropy in chunks of tokens, so that the
+            full logits (tokens × vocabulary) never exist: the `chunk_head_loss` pass rewrites a linear map
+            with ≥ 1024 outputs that feeds only a cross-entropy (and the returned logits). Same loss and
+            gradients; in training calls with labels `outputs.logits` is then None (eval and no_grad
+            calls return the logits as before). False keeps the model's own head and loss.
+        loss_chunk_bytes: bytes of logits per chunk (default 4 MiB: 32 tokens of a 32000-word
+            vocabulary in fp32); rows per chunk = loss_chunk_bytes / (vocabulary · itemsize).
+        recompute_chunk_bytes: position-wise halves (the FFN sub-block and its adapter under MEFT3, when
+            it reads nothing but the stream) run over the tokens in chunks whose widest activation (the
+            FFN's intermediate) takes at most this many bytes — in the forward, the backward's recompute
+            and the reference alike — so the backward's working set is bounded (default 1 MiB; 0: never
+            chunk). Dropout masks inside such a block are drawn chunk by chunk (same distribution).
         capture: "export" (torch.export, non-strict, dynamic batch/sequence), "fx"
             (torch.fx.symbolic_trace, for plain modules), or "auto" (export, falling back to fx).
         inplace: False (default) converts a deep copy and leaves the caller's model untouched;
@@ -134,6 +149,9 @@ class MEFTConfig:
     reversible: bool = True
     output: str = "pretrained"
     train_head: bool = True
+    chunk_loss: bool = True
+    loss_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    recompute_chunk_bytes: int = DEFAULT_RECOMPUTE_CHUNK_BYTES
     capture: str = "auto"
     inplace: bool = False
     verbose: bool = False
@@ -155,9 +173,11 @@ class MEFTConfig:
             self._check_scale(name)
         _integer("adapter_rank", self.adapter_rank, 1, None)
         _integer("frac_bits", self.frac_bits, 8, MAX_FRAC_BITS)
+        _integer("loss_chunk_bytes", self.loss_chunk_bytes, 1, None)
+        _integer("recompute_chunk_bytes", self.recompute_chunk_bytes, 0, None)
         _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _number("adapter_init_std", self.adapter_init_std, "a finite number > 0", lambda v: 0.0 < v < math.inf)
-        for name in ("reversible", "train_head", "inplace", "verbose"):
+        for name in ("reversible", "train_head", "chunk_loss", "inplace", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False")
         return self

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import chunked_loss
 from .capture import CallSpec, capture, is_transformers_model, normalize_inputs, serves
 from .compilation import compile_like
 from .config import MEFTConfig
@@ -228,6 +229,15 @@ def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progres
     return out
 
 
+def _chunk_head(model: nn.Module, config: MEFTConfig) -> None:
+    """A vocabulary head outside the stack's owner: the model's training forward chunks it (`chunk_loss`).
+
+    (A head inside the owner's program is chunked by the pipeline's `chunk_head_loss` pass.)"""
+    owners = [m.owner for m in model.modules() if isinstance(m, ConvertedModule)]
+    if config.chunk_loss and len(owners) == 1 and owners[0] and chunked_loss.has_vocabulary_head(model, owners[0]):
+        chunked_loss.install(model, owners[0], config.loss_chunk_bytes, config.verbose)
+
+
 def _check_model(model) -> None:
     """TypeError / ConversionError for what convert cannot take: not a module, converted, a PEFT model."""
     if not isinstance(model, nn.Module):
@@ -295,6 +305,7 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     was_training = target.training
     trainable_before = {id(p) for p in target.parameters() if p.requires_grad}
     out = _convert_owners(target, args, kwargs, config, progress)
+    _chunk_head(out, config)
     _freeze(out, config, trainable_before)
     out.meft_config = config
     out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)

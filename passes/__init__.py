@@ -6,6 +6,7 @@
     analysis.group_layers           → attention unit(s) + FFN unit = one layer
     transforms.insert_adapters      → paper adapters in every layer
     transforms.build_couplings      → each stack becomes one ReversibleStack call
+    transforms.chunk_head_loss      → a vocabulary head + cross-entropy in the program runs in chunks
 
 `pipeline.PIPELINE` is the one ordered list; `run_pipeline` runs it (lint, provenance, snapshots).
 `fx` holds the helpers the passes share: ops (op taxonomy), dataflow, provenance, extraction.
@@ -15,6 +16,7 @@ from .analysis.group_layers import group_layers
 from .analysis.records import Layer, ResidualUnit, Stack, StreamAnalysis
 from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, run_pipeline, snapshot
 from .transforms.build_couplings import build_couplings
+from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
@@ -22,5 +24,5 @@ from .transforms.insert_adapters import insert_adapters
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
     "run_pipeline", "snapshot", "hoist_shape_queries", "dropout_to_modules", "find_residual_units", "group_layers",
-    "insert_adapters", "build_couplings",
+    "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses",
 ]

@@ -19,6 +19,7 @@ from .analysis.group_layers import group_layers
 from .analysis.records import StreamAnalysis
 from .fx.provenance import PROVENANCE_KEY
 from .transforms.build_couplings import build_couplings
+from .transforms.chunk_head_loss import chunk_head_loss
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
@@ -53,6 +54,8 @@ PIPELINE = [
     Pass("insert_adapters", "transform", lambda gm, s: insert_adapters(gm, s.analysis, s.config, s.adapters)),
     Pass("build_couplings", "transform", lambda gm, s: build_couplings(gm, s.analysis, s.config, s.adapters),
          "building the couplings"),
+    Pass("chunk_head_loss", "transform", lambda gm, s: chunk_head_loss(gm, s.config.loss_chunk_bytes)
+         if s.config.chunk_loss else gm),
 ]
 PASS_NAMES = tuple(p.name for p in PIPELINE)
 

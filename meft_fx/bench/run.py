@@ -1,19 +1,30 @@
 """Activation memory and step time of MEFT against full fine-tuning, LoRA and their usual remedies.
 
     python -m meft_fx.bench --hidden 384 --depths 6,12,24 --seqs 256,512 --batch 8 --out results/
+    python -m meft_fx.bench --arch llama --hidden 512 --intermediate 1376 --heads 8 --kv-heads 4 \
+        --vocab 32000 --depths 8,24 --seqs 512 --batch 2 --methods decoder
 
-For every (depth, sequence length) one randomly initialised BertForSequenceClassification (built
-under a fixed seed, dropout on, labels given) and one batch are shared by all methods; each method
-gets a fresh copy of the model. Per method:
+For every (depth, sequence length) one randomly initialised model (`--arch`: bert =
+BertForSequenceClassification, llama = LlamaForCausalLM with labels = input_ids; built under a
+fixed seed, dropout on where the model has it, labels given) and one batch are shared by all
+methods; each method gets a fresh copy of the model. Per method:
 
     full             full fine-tuning, every parameter trainable
-    lora             peft LoRA, r=8 on attention query/value, task head trainable
+    lora             peft LoRA, r=8 on the attention query/value projections, a task head trainable
     lora_ckpt        lora + HF gradient checkpointing (non-reentrant)
+    lora_ckpt_chunked  lora_ckpt + the head's cross-entropy in chunks of tokens (meft_fx.chunk_loss
+                     mode="tokens" with Liger's chunk rule: ⌈vocab / hidden⌉ chunks' worth of tokens, a
+                     power of two); decoders only, not part of "all"
+    lora_ckpt_chunked_vocab  lora_ckpt + meft_fx's own chunked loss (mode="vocab", 4 MiB blocks:
+                     what MEFTConfig.chunk_loss does); decoders only, not part of "all"
     compile_budget0  full fine-tuning under torch.compile with
                      torch._functorch.config.activation_memory_budget = 0 (maximal recomputation)
     meft{1,2,3}_{float,exact}   meft_fx.convert(model, MEFTConfig(method=..., numerics=...))
     meft{1,2,3}_{float,exact}_compiled   the same, then meft_fx.compile (inductor, dynamic shapes);
                      not part of "all": ask for them by name or as "compiled" (the six)
+    meft{1,2,3}_{float,exact}_nochunk    MEFTConfig(chunk_loss=False): the model's own head and loss;
+                     not part of "all" ("decoder" = lora, lora_ckpt, lora_ckpt_chunked, meft3_exact,
+                     meft3_exact_nochunk, meft3_float)
 
 A step is forward + loss + backward (no optimizer). One untimed step runs first (it compiles /
 captures and creates the .grad buffers), gradients are then zeroed in place, and the next step is
@@ -43,14 +54,19 @@ from typing import Iterable, Sequence
 import torch
 
 from ..memory import MiB, measure_step_memory, median_step_time
+from .models import ARCHS, BenchModel, liger_chunk_bytes
 
 BASELINES = ("full", "lora", "lora_ckpt", "compile_budget0")
+CHUNKED_BASELINES = ("lora_ckpt_chunked", "lora_ckpt_chunked_vocab")  # decoders: opt-in
 MEFT_METHODS = tuple(f"meft{k}_{n}" for k in (1, 2, 3) for n in ("float", "exact"))
 ALL_METHODS = BASELINES + MEFT_METHODS
 COMPILED_METHODS = tuple(f"{m}_compiled" for m in MEFT_METHODS)  # opt-in: not in ALL_METHODS
+NOCHUNK_METHODS = tuple(f"{m}_nochunk" for m in MEFT_METHODS)  # opt-in
+DECODER_METHODS = ("lora", "lora_ckpt", "lora_ckpt_chunked", "lora_ckpt_chunked_vocab", "meft3_exact",
+                   "meft3_exact_nochunk", "meft3_float")
+OPT_IN = COMPILED_METHODS + NOCHUNK_METHODS + CHUNKED_BASELINES
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-LORA_TARGETS = ["query", "value"]
 LORA_RANK = 8
 SEED = 0
 
@@ -66,40 +82,17 @@ class Unavailable(Exception):
 
 
 def bert_config(hidden: int, depth: int, vocab: int = 30522, max_seq: int = 512, num_labels: int = 2):
-    """BertConfig of the given width and depth: heads = hidden/64 rounded (at least 1, dividing
-    hidden), intermediate = 4·hidden."""
-    from transformers import BertConfig
-
-    heads = max(1, round(hidden / 64))
-    while hidden % heads:
-        heads -= 1
-    return BertConfig(hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
-                      intermediate_size=4 * hidden, vocab_size=vocab,
-                      max_position_embeddings=max(512, max_seq), num_labels=num_labels)
-
-
-def build_model(config, dtype: torch.dtype, device, seed: int = SEED):
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    return model.to(device=device, dtype=dtype).train()
-
-
-def make_batch(config, batch: int, seq: int, device, seed: int = SEED) -> dict:
-    g = torch.Generator().manual_seed(seed + 1)
-    return {
-        "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long).to(device),
-        "labels": torch.randint(0, config.num_labels, (batch,), generator=g).to(device),
-    }
+    """BertConfig of the given width and depth (heads = hidden/64 rounded, intermediate = 4·hidden)."""
+    cfg = BenchModel("bert", hidden, vocab).config(depth, max_seq)
+    cfg.num_labels = num_labels
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # methods: each turns a fresh model into (callable, trainable parameters, note)
 
 
-def _lora(model, checkpointing: bool):
+def _lora(model, spec: BenchModel, checkpointing: bool):
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError as e:
@@ -113,11 +106,25 @@ def _lora(model, checkpointing: bool):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.1,
-                         target_modules=list(LORA_TARGETS))
+        cfg = LoraConfig(task_type=getattr(TaskType, spec.lora_task), r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                         lora_dropout=0.1, target_modules=spec.lora_targets)
         peft_model = get_peft_model(model, cfg)
-    return peft_model, "LoRA r=8 on query,value; classifier trainable" + (
+    head = "; classifier trainable" if spec.arch == "bert" else ""
+    return peft_model, f"LoRA r=8 on {','.join(spec.lora_targets)}{head}" + (
         "; gradient checkpointing (non-reentrant)" if checkpointing else "")
+
+
+def _chunked(peft_model, note: str, spec: BenchModel, batch: dict, vocab_blocks: bool):
+    import meft_fx
+
+    base = peft_model.get_base_model()
+    inputs = {k: v[:1, :8] if v.dim() == 2 else v[:1] for k, v in batch.items()}
+    if vocab_blocks:
+        meft_fx.chunk_loss(base, example_inputs=inputs)
+        return peft_model, note + "; meft_fx's chunked loss (vocabulary blocks, 4 MiB)"
+    chunk = liger_chunk_bytes(batch["input_ids"].numel(), spec.hidden, spec.vocab)
+    meft_fx.chunk_loss(base, example_inputs=inputs, chunk_bytes=chunk, mode="tokens")
+    return peft_model, note + f"; chunked loss ({chunk // (spec.vocab * 4)} tokens per chunk, Liger's rule)"
 
 
 def _compile(model):
@@ -132,39 +139,44 @@ def _compile(model):
 
 
 def _meft(model, method: str, example_inputs: dict):
-    meft, numerics = method.split("_")
+    meft, numerics, *rest = method.split("_")
+    chunk = "nochunk" not in rest
     try:
         import meft_fx
         convert, MEFTConfig = meft_fx.convert, meft_fx.MEFTConfig
     except Exception as e:
         raise Unavailable(f"meft_fx.convert is not importable ({type(e).__name__}: {e})") from e
     try:
-        converted = convert(model, MEFTConfig(method=meft, numerics=numerics), example_inputs=dict(example_inputs))
+        cfg = MEFTConfig(method=meft, numerics=numerics, chunk_loss=chunk)
+        converted = convert(model, cfg, example_inputs=dict(example_inputs))
     except Exception as e:
         raise Unavailable(f"convert raised {type(e).__name__}: {_short(e)}") from e
-    return converted, f"meft_fx.convert(method={meft!r}, numerics={numerics!r})"
+    return converted, f"meft_fx.convert(method={meft!r}, numerics={numerics!r}{'' if chunk else ', chunk_loss=False'})"
 
 
-def prepare(method: str, model, batch: dict):
-    """(callable model, note) for `method`, built from the fresh `model`."""
+def prepare(method: str, model, batch: dict, spec: BenchModel | None = None):
+    """(callable model, note) for `method`, built from the fresh `model` (of `spec`, default BERT)."""
+    spec = spec or BenchModel("bert", model.config.hidden_size, model.config.vocab_size)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model, "all parameters trainable"
     if method == "lora":
-        return _lora(model, checkpointing=False)
+        return _lora(model, spec, checkpointing=False)
     if method == "lora_ckpt":
-        return _lora(model, checkpointing=True)
+        return _lora(model, spec, checkpointing=True)
+    if method in CHUNKED_BASELINES:
+        return _chunked(*_lora(model, spec, checkpointing=True), spec, batch, method.endswith("_vocab"))
     if method == "compile_budget0":
         return _compile(model)
-    if method in MEFT_METHODS:
+    if method in MEFT_METHODS or method in NOCHUNK_METHODS:  # noqa: SIM114
         return _meft(model, method, batch)
     if method in COMPILED_METHODS:
         converted, note = _meft(model, method[: -len("_compiled")], batch)
         import meft_fx
 
         return meft_fx.compile(converted), note + " + meft_fx.compile (inductor, dynamic shapes)"
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS + OPT_IN)}")
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -213,15 +225,16 @@ def _method_context(method: str):
 
 
 def measure_method(method: str, config, batch: dict, dtype, device, repeats: int,
-                   compile_timeout: float | None = 600.0, seed: int = SEED) -> dict:
+                   compile_timeout: float | None = 600.0, seed: int = SEED, spec: BenchModel | None = None) -> dict:
     """Build a fresh model, apply `method`, measure one step's memory and the median step time."""
     row = {"method": method, "status": "ok", "note": ""}
     model = runner = None
     try:
         with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" or method in COMPILED_METHODS else None,
                                                       method):
-            model = build_model(config, dtype, device, seed)
-            runner, note = _prepare_or_unavailable(method, model, batch)
+            spec = spec or BenchModel("bert", config.hidden_size, config.vocab_size)
+            model = spec.build(config, dtype, device, seed)
+            runner, note = _prepare_or_unavailable(method, model, batch, spec)
             row["note"] = note
             _measure_runner(runner, batch, device, repeats, seed, row)
     except Unavailable as e:
@@ -234,10 +247,10 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
     return row
 
 
-def _prepare_or_unavailable(method: str, model, batch: dict):
-    """`prepare(method, model, batch)`, any failure other than Unavailable reported as Unavailable."""
+def _prepare_or_unavailable(method: str, model, batch: dict, spec: BenchModel):
+    """`prepare(method, model, batch, spec)`, any failure other than Unavailable reported as Unavailable."""
     try:
-        return prepare(method, model, batch)
+        return prepare(method, model, batch, spec)
     except Unavailable:
         raise
     except Exception as e:
@@ -322,11 +335,13 @@ def expand_methods(methods: str | Iterable[str] | None) -> list[str]:
             names = [f"{m}_float", f"{m}_exact"]
         elif m == "compiled":
             names = list(COMPILED_METHODS)
-        elif m in ALL_METHODS or m in COMPILED_METHODS:
+        elif m == "decoder":
+            names = list(DECODER_METHODS)
+        elif m in ALL_METHODS or m in OPT_IN:
             names = [m]
         else:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS + COMPILED_METHODS)}, "
-                             f"meft, meft1..3, compiled, all")
+                             f"the *_nochunk rows, meft, meft1..3, compiled, decoder, all")
         out.extend(n for n in names if n not in out)
     return out
 
@@ -344,74 +359,92 @@ def _progress(total: int):
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Per (depth, seq): activation ratios to full / lora / lora_ckpt and time ratio to lora."""
+    """Per (depth, seq): activation ratios to full / lora / lora_ckpt / lora_ckpt_chunked, time ratios to lora / lora_ckpt."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["depth"], r["seq"]), {})[r["method"]] = r
     for r in rows:
         group = groups[(r["depth"], r["seq"])]
-        for key, base in (("ratio_full", "full"), ("ratio_lora", "lora"), ("ratio_lora_ckpt", "lora_ckpt")):
+        for key, base, field in (("ratio_full", "full", "activation_mib"), ("ratio_lora", "lora", "activation_mib"),
+                                 ("ratio_lora_ckpt", "lora_ckpt", "activation_mib"),
+                                 ("ratio_lora_ckpt_chunked", "lora_ckpt_chunked", "activation_mib"),
+                                 ("time_ratio_lora", "lora", "step_s"), ("time_ratio_lora_ckpt", "lora_ckpt", "step_s")):
             b = group.get(base)
-            ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b["activation_mib"] > 0
-            r[key] = r["activation_mib"] / b["activation_mib"] if ok else None
-        b = group.get("lora")
-        ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b["step_s"] > 0
-        r["time_ratio_lora"] = r["step_s"] / b["step_s"] if ok else None
+            ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b[field] > 0
+            r[key] = r[field] / b[field] if ok else None
     return rows
 
 
 def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch: int, dtype="float32",
                   device="cpu", methods=None, repeats: int = 3, out: str | os.PathLike | None = None, *,
                   vocab: int = 30522, seed: int = SEED, compile_timeout: float | None = 600.0,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, arch: str = "bert", heads: int | None = None, kv_heads: int | None = None,
+                  intermediate: int | None = None) -> list[dict]:
     """Run every method at every (depth, seq); return one dict per measurement.
 
-    Each row: hidden, depth, seq, batch, dtype, device, method, status ("ok" or "unavailable: ..."),
-    note, trainable_params, and when ok activation_mib, peak_mib, retained_mib, saved_mib (live bytes
-    between forward and backward), step_s, ratio_full,
-    ratio_lora, ratio_lora_ckpt, time_ratio_lora (None where the base method is missing).
+    arch "bert" or "llama" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
+    hidden). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
+    "unavailable: ..."), note, trainable_params, and when ok activation_mib, peak_mib, retained_mib,
+    saved_mib (live bytes between forward and backward), step_s, the activation ratios ratio_full,
+    ratio_lora, ratio_lora_ckpt, ratio_lora_ckpt_chunked and the time ratios time_ratio_lora,
+    time_ratio_lora_ckpt (None where the base method is missing).
     With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    dtype_name = str(torch_dtype).replace("torch.", "")
-    device = torch.device(device)
+    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate)
     methods = expand_methods(methods)
     depths, seqs = [int(d) for d in depths], [int(s) for s in seqs]
     rows: list[dict] = []
-    write, advance, close = _progress(len(depths) * len(seqs) * len(methods)) if progress else (
+    log = _progress(len(depths) * len(seqs) * len(methods)) if progress else (
         lambda line: None, lambda: None, lambda: None)
     t_start = time.perf_counter()
     try:
         for depth in depths:
             for seq in seqs:
-                config = bert_config(hidden, depth, vocab, max_seq=seq)
-                inputs = make_batch(config, batch, seq, device, seed)
-                for method in methods:
-                    t0 = time.perf_counter()
-                    row = {"hidden": hidden, "heads": config.num_attention_heads, "depth": depth, "seq": seq,
-                           "batch": batch, "dtype": dtype_name, "device": str(device)}
-                    row.update(measure_method(method, config, inputs, torch_dtype, device, repeats,
-                                              compile_timeout=compile_timeout, seed=seed))
-                    row["elapsed_s"] = time.perf_counter() - t0
-                    rows.append(row)
-                    what = (f"{row['activation_mib']:.2f} MiB, {row['step_s']:.3f} s/step" if row["status"] == "ok"
-                            else row["status"][:120])
-                    write(f"[{time.perf_counter() - t_start:7.1f}s] depth={depth} seq={seq} {method:<16} "
-                          f"{row['elapsed_s']:6.1f}s  {what}")
-                    advance()
-                    gc.collect()
-                del inputs
+                base = {"arch": arch, "title": spec.title, "hidden": hidden, "heads": spec.num_heads, "depth": depth,
+                        "seq": seq, "batch": batch, "dtype": str(torch_dtype).replace("torch.", ""),
+                        "device": str(torch.device(device))}
+                rows += _measure_group(spec, base, methods, torch_dtype, torch.device(device), repeats,
+                                       compile_timeout, seed, log, t_start)
     finally:
-        close()
+        log[2]()
     add_ratios(rows)
     if out is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench.md"), "w") as f:
-            f.write(format_report(rows))
-        with open(os.path.join(out, "bench.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        plot_memory(rows, os.path.join(out, "bench_memory.png"))
+        _write_outputs(rows, out)
     return rows
+
+
+def _measure_group(spec: BenchModel, base: dict, methods, dtype, device, repeats, compile_timeout, seed, log,
+                   t_start) -> list[dict]:
+    """The rows of every method at one (depth, seq): one model config and one batch shared by all."""
+    write, advance, _ = log
+    depth, seq = base["depth"], base["seq"]
+    config = spec.config(depth, seq)
+    inputs = spec.batch(config, base["batch"], seq, device, seed)
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        row = dict(base)
+        row.update(measure_method(method, config, inputs, dtype, device, repeats, compile_timeout=compile_timeout,
+                                  seed=seed, spec=spec))
+        row["elapsed_s"] = time.perf_counter() - t0
+        rows.append(row)
+        what = (f"{row['activation_mib']:.2f} MiB, {row['step_s']:.3f} s/step" if row["status"] == "ok"
+                else row["status"][:120])
+        write(f"[{time.perf_counter() - t_start:7.1f}s] depth={depth} seq={seq} {method:<20} "
+              f"{row['elapsed_s']:6.1f}s  {what}")
+        advance()
+        gc.collect()
+    return rows
+
+
+def _write_outputs(rows: list[dict], out) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(format_report(rows))
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    plot_memory(rows, os.path.join(out, "bench_memory.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,9 +457,9 @@ def _fmt(x, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table, one line per (depth, seq, method)."""
-    lines = ["| depth | seq | method | activation MiB | × full | × LoRA | × LoRA+ckpt | saved MiB | step s "
-             "| time × LoRA | trainable | note |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| depth | seq | method | activation MiB | × full | × LoRA | × LoRA+ckpt | × LoRA+ckpt+chunked "
+             "| saved MiB | step s | time × LoRA | time × LoRA+ckpt | trainable | note |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["depth"], r["seq"])):
         ok = r["status"] == "ok"
         note = r.get("note", "") if ok else r["status"]
@@ -435,8 +468,9 @@ def format_table(rows: list[dict]) -> str:
             str(r["depth"]), str(r["seq"]), r["method"],
             _fmt(r.get("activation_mib") if ok else None, ".2f"),
             _fmt(r.get("ratio_full"), ".3f"), _fmt(r.get("ratio_lora"), ".3f"), _fmt(r.get("ratio_lora_ckpt"), ".3f"),
-            _fmt(r.get("saved_mib") if ok else None, ".2f"),
+            _fmt(r.get("ratio_lora_ckpt_chunked"), ".3f"), _fmt(r.get("saved_mib") if ok else None, ".2f"),
             _fmt(r.get("step_s") if ok else None, ".3f"), _fmt(r.get("time_ratio_lora"), ".2f"),
+            _fmt(r.get("time_ratio_lora_ckpt"), ".2f"),
             _fmt(r.get("trainable_params"), ","), note]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -448,9 +482,8 @@ def format_report(rows: list[dict]) -> str:
     head = [
         "# meft_fx.bench: activation memory and step time",
         "",
-        f"BertForSequenceClassification, random init, hidden {r0['hidden']}, heads {r0['heads']}, "
-        f"intermediate {4 * r0['hidden']}, batch {r0['batch']}, {r0['dtype']} on {r0['device']}, dropout on; "
-        f"torch {torch.__version__}.",
+        f"{r0.get('title', 'BertForSequenceClassification')}, batch {r0['batch']}, {r0['dtype']} on "
+        f"{r0['device']}, dropout on where the model has it; torch {torch.__version__}.",
         "",
         "Activation memory = peak live tensor bytes during one forward+backward step minus the bytes the step "
         "leaves behind, measured after a warm-up step with gradients zeroed in place (so .grad buffers, "
@@ -495,7 +528,7 @@ def plot_memory(rows: list[dict], path: str) -> str | None:
             ax.legend(fontsize=7)
     if rows:
         r0 = rows[0]
-        fig.suptitle(f"BERT hidden {r0['hidden']}, batch {r0['batch']}, {r0['dtype']}, {r0['device']}")
+        fig.suptitle(f"{r0.get('arch', 'bert')} hidden {r0['hidden']}, batch {r0['batch']}, {r0['dtype']}, {r0['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -512,7 +545,12 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="bert", choices=ARCHS, help="bert (encoder classifier) or llama (decoder LM)")
     p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
+    p.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default: heads)")
+    p.add_argument("--intermediate", type=int, default=None,
+                   help="FFN width (default 4·hidden for bert, 8/3·hidden rounded to 32 for llama)")
     p.add_argument("--depths", type=_ints, default=[6, 12, 24], help="comma-separated, e.g. 6,12,24")
     p.add_argument("--seqs", type=_ints, default=[256, 512], help="comma-separated, e.g. 256,512")
     p.add_argument("--batch", type=int, default=8)
@@ -520,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated from {', '.join(ALL_METHODS)}; also 'meft', 'meft1'..'meft3', 'all', "
-                        f"and (not in 'all') {', '.join(COMPILED_METHODS)} or 'compiled'")
+                        f"'decoder' ({', '.join(DECODER_METHODS)}), and (not in 'all') the *_compiled and "
+                        f"*_nochunk rows, or 'compiled'")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--seed", type=int, default=SEED)
@@ -533,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,
                          expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
-                         compile_timeout=args.compile_timeout or None)
+                         compile_timeout=args.compile_timeout or None, arch=args.arch, heads=args.heads,
+                         kv_heads=args.kv_heads, intermediate=args.intermediate)
     sys.stdout.write(format_report(rows))
     return rows
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..chunked_loss import STATE
 from ..nn.adapter import Adapter
+from ..nn.head_loss import ChunkedHeadLoss
 from ..passes.fx.dataflow import node_value
 from ..runtime import ReversibleStack
 from ..runtime.arithmetic import scaled_add
@@ -64,12 +66,14 @@ class Explanation:
 
     `couplings`: one `CouplingInfo` per coupling, bottom to top. `unmatched`: one line per region
     the analysis looked at and did not rewrite, each with the reason (and the pass that decided).
+    `chunked`: one line per thing that runs in chunks (a vocabulary head's loss, FFN halves).
     """
 
     couplings: list = field(default_factory=list)
     unmatched: list = field(default_factory=list)
     method: str = ""
     memory_note: str = ""
+    chunked: list = field(default_factory=list)  # lines: what runs in chunks (the head's loss, FFN halves)
 
     @property
     def activation_bytes_saved_per_token(self) -> float | None:
@@ -110,6 +114,9 @@ class Explanation:
                          f"{format_bytes(kept)}: saves {format_bytes(total)}{pct}")
         elif self.memory_note:
             lines.append(f"activations per token: not estimated ({self.memory_note})")
+        if self.chunked:
+            lines.append("in chunks:")
+            lines.extend(f"  - {u}" for u in self.chunked)
         if self.unmatched:
             lines.append("not rewritten:")
             lines.extend(f"  - {u}" for u in self.unmatched)
@@ -167,6 +174,7 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
         stacks.append((name, m, infos))
     if not rep.couplings:
         raise ValueError(f"{type(module).__name__} has no reversible coupling; was it returned by meft_fx.convert?")
+    rep.chunked = chunked_lines(module, stacks)
     if estimate_memory:
         notes = []
         for name, stack, infos in stacks:
@@ -177,6 +185,27 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
                 notes.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         rep.memory_note = "; ".join(notes)
     return rep
+
+
+def chunked_lines(module: nn.Module, stacks) -> list:
+    """What runs in chunks: the head's loss (in the model's training forward or in a program), FFN halves."""
+    lines = []
+    state = module.__dict__.get(STATE)
+    if state is not None:
+        lines.append(f"vocabulary head + cross-entropy after {state.body}: in training, {state.mode} blocks of "
+                     f"{format_bytes(state.chunk_bytes)} of logits (outputs.logits is None then); "
+                     f"{sum(len(v) for v in state.tails.values())} call structure(s) captured")
+    for name, m in module.named_modules():
+        if isinstance(m, ChunkedHeadLoss):
+            lines.append(f"{name}: head + cross-entropy in the program, in training {m.mode} blocks of "
+                         f"{format_bytes(m.chunk_bytes)} of logits")
+    for name, stack, _ in stacks:
+        plans = [(h, p) for c in stack.couplings for h, p in c.chunks.items()]
+        if plans:
+            halves = sorted({h for h, _ in plans})
+            lines.append(f"{name}: {'/'.join(halves)} of {len(plans)} coupling(s) (position-wise) over the tokens in "
+                         f"chunks of ≤ {format_bytes(plans[0][1].chunk_bytes)} of their widest activation")
+    return lines
 
 
 def adapter_names(mod: nn.Module) -> list:

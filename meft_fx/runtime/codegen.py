@@ -26,6 +26,7 @@ import operator
 import torch.fx as fx
 from torch import nn
 
+from .chunks import run_in_chunks
 from .replay import record_rng, replay_vjp
 from .saved import add_grads, cast_grad, scale_grad
 
@@ -57,11 +58,21 @@ class _Emitter:
     def context(self):
         self.ctx = [self.g.placeholder(f"ctx_{i}") for i in range(self.n_ctx)]
 
+    def plan(self, half: str):
+        """A get_attr node of the half's ChunkPlan (the program's `F_chunks`/`G_chunks`), or None."""
+        if half not in self.c.chunks:
+            return None
+        return self.g.create_node("get_attr", f"{half}_chunks", name=f"{half.lower()}_chunks")
+
     def block_args(self, half: str):
         return [self.ctx[i] for i in (self.c.f_context if half == "F" else self.c.g_context)]
 
     def call(self, half: str, stream):
         x = self.arith.emit_decode(self.g, stream, self.dtype, f"{half.lower()}_in")
+        plan = self.plan(half)
+        if plan is not None:  # position-wise: in chunks of tokens (meft_fx.runtime.chunks)
+            block = self.g.create_node("get_attr", half, name=f"{half.lower()}_block")
+            return self.g.create_node("call_function", run_in_chunks, (block, x, plan), name=half.lower())
         return self.g.create_node("call_module", half, (x, *self.block_args(half)), name=half.lower())
 
     def vjp(self, half: str, stream, cotangent):
@@ -69,8 +80,9 @@ class _Emitter:
         g, low = self.g, half.lower()
         x = self.arith.emit_decode(g, stream, self.dtype, f"{low}_in")
         block = g.create_node("get_attr", half, name=f"{low}_block")
+        plan = self.plan(half)
         res = g.create_node("call_function", replay_vjp, (self.tape, half, block, x, cotangent, *self.block_args(half)),
-                            name=f"vjp_{low}")
+                            {"chunk": plan} if plan is not None else {}, name=f"vjp_{low}")
         out = g.create_node("call_function", operator.getitem, (res, 0), name=low)
         d_in = g.create_node("call_function", operator.getitem, (res, 1), name=f"d_{low}_in")
         gd = self.arith.grad_dtype(self.dtype) if self.dtype is not None else None
@@ -149,6 +161,8 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
     _BUILDERS[which](e)
     root = nn.Module()
     root.F, root.G = coupling.F, coupling.G
+    for half, plan in coupling.chunks.items():
+        setattr(root, f"{half}_chunks", plan)
     for n in e.g.nodes:
         n.meta[PROVENANCE_KEY] = "codegen"
     e.g.lint()

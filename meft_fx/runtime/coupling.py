@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .arithmetic import FloatStreams, StreamArithmetic
+from .chunks import ChunkPlan, run_in_chunks
 from .codegen import coupling_program
 
 __all__ = ["Coupling", "CouplingRecord"]
@@ -41,11 +42,13 @@ class Coupling(nn.Module):
     """y1 = λ·x1 + F(x2); y2 = β·x2 + G(y1); optionally swap. F and G take (stream, *their context).
 
     `f_context`/`g_context` are the positions, in the stack's context, of what F and G read.
+    `chunks`: {"F" or "G": ChunkPlan} for a position-wise half without context, run in chunks of tokens.
     Calling the module runs the float equations (`forward`); the stack runs `program(...)`.
     """
 
     def __init__(self, F: nn.Module, G: nn.Module, lam: float, beta: float, swap: bool,
-                 f_context: Sequence[int] = (), g_context: Sequence[int] = (), record: CouplingRecord | None = None):
+                 f_context: Sequence[int] = (), g_context: Sequence[int] = (), record: CouplingRecord | None = None,
+                 chunks: dict | None = None):
         super().__init__()
         _FLOAT.check_scale(lam, "λ")
         _FLOAT.check_scale(beta, "β")
@@ -53,12 +56,24 @@ class Coupling(nn.Module):
         self.lam, self.beta, self.swap = float(lam), float(beta), bool(swap)
         self.f_context, self.g_context = tuple(f_context), tuple(g_context)
         self.record = record or CouplingRecord()
+        self.chunks = dict(chunks or {})  # {"F"/"G": ChunkPlan} for position-wise halves without context
+        for half, plan in self.chunks.items():
+            if half not in ("F", "G") or not isinstance(plan, ChunkPlan):
+                raise ValueError(f"chunks: expected {{'F' or 'G': ChunkPlan}}, got {half!r}: {plan!r}")
+            if (self.f_context if half == "F" else self.g_context):
+                raise ValueError(f"chunks: {half} reads context; only a position-wise half without context runs in chunks")
         self.__dict__["_programs"] = {}
 
     def f(self, x2, context):
+        """F(x2) as every program calls it (in chunks of tokens when `chunks` has F)."""
+        if "F" in self.chunks:
+            return run_in_chunks(self.F, x2, self.chunks["F"])
         return self.F(x2, *[context[i] for i in self.f_context])
 
     def g(self, y1, context):
+        """G(y1) as every program calls it (in chunks of tokens when `chunks` has G)."""
+        if "G" in self.chunks:
+            return run_in_chunks(self.G, y1, self.chunks["G"])
         return self.G(y1, *[context[i] for i in self.g_context])
 
     def forward(self, x1, x2, context=()):
@@ -70,7 +85,7 @@ class Coupling(nn.Module):
 
         Regenerated when λ, β, swap, F or G changed since (they are plain attributes).
         """
-        key = (which, arith.key, num_context, dtype, self.lam, self.beta, self.swap)
+        key = (which, arith.key, num_context, dtype, self.lam, self.beta, self.swap, tuple(sorted(self.chunks.items())))
         prog = self._programs.get(key)
         if prog is None or prog.F is not self.F or prog.G is not self.G:
             prog = self._programs[key] = coupling_program(self, which, arith, num_context, dtype)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chunks import ChunkPlan, run_in_chunks, vjp_in_chunks
 from .saved import GradAccumulator
 
 __all__ = ["RNGState", "AutocastState", "Tape", "record_rng", "replay_vjp"]
@@ -77,18 +78,25 @@ def record_rng(tape: Tape | None, half: str) -> None:
         tape.rng[half] = RNGState(tape.device)
 
 
-def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tensor, cotangent, *context):
+def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tensor, cotangent, *context,
+               chunk: ChunkPlan | None = None):
     """Recompute `block(stream, *context)` as the forward ran it and back-propagate `cotangent`.
 
     Returns (output, d_stream); `cotangent` None means a gradient known to be zero (then the block
-    only runs, without grad, and d_stream is None).
+    only runs, without grad, and d_stream is None). `chunk`: the block is position-wise and ran in
+    chunks of tokens (`meft_fx.runtime.chunks`); so do its recompute and back-propagation.
     """
     rng = tape.rng.get(half)
     replay = rng.replay() if rng is not None else contextlib.nullcontext()
     if cotangent is None:
         with torch.no_grad(), replay, tape.autocast.restore():
-            return block(stream, *context), None
+            return (block(stream, *context) if chunk is None else run_in_chunks(block, stream, chunk)), None
     params = [p for p in block.parameters() if p.requires_grad]
+    if chunk is not None:
+        with torch.enable_grad(), replay, tape.autocast.restore():
+            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, params, chunk)
+        tape.grads.add(zip(params, grads))
+        return out, d_in
     ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
     with torch.enable_grad(), replay, tape.autocast.restore():
         leaf = stream.detach().requires_grad_(True)

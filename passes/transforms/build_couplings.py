@@ -12,6 +12,7 @@ import torch.fx as fx
 from meft_fx.errors import ConversionError
 from meft_fx.nn.adapter import Adapter, AdapterOnly, NoUpdate
 from meft_fx.runtime import Coupling, CouplingRecord, ReversibleStack, StackRecord
+from meft_fx.runtime.chunks import ChunkPlan
 from ..analysis.records import StreamAnalysis
 from ..fx.dataflow import data_dag, node_value, region, tensor_shape
 from ..fx.extraction import extract
@@ -76,6 +77,13 @@ class _StackCutter:
         sub, idx = self.cut(start, end, f"Layer{li}{suffix}")
         return sub, idx, mine
 
+    def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
+        """A ChunkPlan for a position-wise half (the FFN) that reads no context; None otherwise."""
+        if role != "ffn" or context or not self.config.recompute_chunk_bytes or isinstance(module, NoUpdate):
+            return None
+        widths = [p.shape[0] for p in module.parameters() if p.dim() == 2] + [self.dim]
+        return ChunkPlan(max(widths), self.config.recompute_chunk_bytes)
+
     def coupling(self, layer, li: int, top: bool) -> Coupling:
         cfg, spec = self.config, self.config.spec
         lam, beta, swap = cfg.scales
@@ -85,7 +93,9 @@ class _StackCutter:
             G, gi, g_blocks = NoUpdate(), [], NO_UPDATE  # G's stream is not returned: an adapter there never trains
         else:
             G, gi, g_blocks = self.half(layer, li, "G", spec.G)
-        return Coupling(F, G, lam, beta, swap, fi, gi, record=CouplingRecord(layer.module, f_blocks, g_blocks))
+        plans = {h: self.chunk_plan(m, role, ctx) for h, m, role, ctx in (("F", F, spec.F, fi), ("G", G, spec.G, gi))}
+        return Coupling(F, G, lam, beta, swap, fi, gi, record=CouplingRecord(layer.module, f_blocks, g_blocks),
+                        chunks={h: p for h, p in plans.items() if p is not None})
 
 
 def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, registry: dict | None = None) -> fx.GraphModule:

@@ -153,10 +153,14 @@ def max_rel_err(g_rev, g_ref):
 
 # ----------------------------------------------------------------------------- gradients at depth 24
 
+# Every method on LLaMA in bf16 and on BERT in fp32, MEFT3 on the other two (arch, dtype) pairs: each
+# arch, dtype and method is covered, in 8 cases of a few tens of seconds each instead of 12.
+DEPTH_CASES = ([("llama", "bf16", m) for m in METHODS] + [("bert", "fp32", m) for m in METHODS]
+               + [("llama", "fp32", "meft3"), ("bert", "bf16", "meft3")])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind, dtype, method", DEPTH_CASES, ids=["-".join(c) for c in DEPTH_CASES])
 def test_exact_reversible_gradients_equal_reference_24_layers(kind, dtype, method):
     model = converted(kind, DTYPES[dtype], method)
     assert all(s.numerics == "exact" for s in stacks(model)) and len(stacks(model)[0].couplings) == LAYERS
