@@ -44,7 +44,7 @@ from .config import MEFTConfig
 from .conversion import ConvertedModule
 from .errors import AdapterMismatchError
 
-__all__ = ["save_adapters", "load_adapters", "adapter_config", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "adapter_config", "from_pretrained", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "meft_adapters.safetensors"
 CONFIG_NAME = "meft_adapters.json"
@@ -266,6 +266,24 @@ def adapter_config(folder: str | os.PathLike) -> MEFTConfig:
     cfg = dict(record["meft_config"])
     known = set(MEFTConfig.__dataclass_fields__)
     return MEFTConfig(**{k: v for k, v in cfg.items() if k in known})
+
+
+def from_pretrained(base_model: nn.Module, folder: str | os.PathLike, **overrides) -> nn.Module:
+    """Convert `base_model` with the MEFTConfig saved in `folder` and load the adapters: one step, as
+    PEFT's `PeftModel.from_pretrained(base, folder)`. The result predicts exactly like the model that
+    was saved. `overrides`: MEFTConfig fields that do not change the network (verbose, inplace,
+    chunk_loss, reversible, ...); a field of the network (method, adapter_rank, numerics, ...) is a
+    ValueError. Raises what `adapter_config`, `convert` and `load_adapters` raise."""
+    config = adapter_config(folder)
+    network = sorted(set(overrides) & set(NETWORK_FIELDS + ("lam", "beta")))
+    if network:
+        raise ValueError(f"from_pretrained: {', '.join(network)} would change the network the adapters in {folder} "
+                         f"were trained for; leave them out (they come from the folder)")
+    if overrides:
+        config = MEFTConfig(**{**config.to_dict(), **overrides})
+    from .conversion import convert
+
+    return load_adapters(convert(base_model, config), folder)
 
 
 def _short(names, limit: int = 6) -> str:

@@ -134,8 +134,9 @@ class ChunkedLoss:
         return gm, True
 
 
-def _chunked_class(cls: type) -> type:
-    """A subclass of `cls` (same name) whose training forward goes through the model's ChunkedLoss."""
+def model_class(cls: type) -> type:
+    """A subclass of `cls` (same name) whose training forward goes through the model's ChunkedLoss and
+    whose `gradient_checkpointing_enable` says that a converted model needs none."""
     if getattr(cls, "_meft_chunked_base", None) is not None:
         return cls
     original = cls.forward
@@ -149,8 +150,24 @@ def _chunked_class(cls: type) -> type:
             kwargs = {**kwargs, "use_cache": False}  # a training step needs no KV cache
         return state.run(self, original, args, kwargs)
 
-    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                       "_meft_chunked_base": cls})
+    attrs = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+             "_meft_chunked_base": cls}
+    if hasattr(cls, "gradient_checkpointing_enable"):
+        attrs["gradient_checkpointing_enable"] = _checkpointing_enable(cls.gradient_checkpointing_enable)
+    return type(cls.__name__, (cls,), attrs)
+
+
+def _checkpointing_enable(original):
+    @functools.wraps(original)
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        if getattr(self, "meft_config", None) is None:  # chunk_loss on a model that is not converted
+            return original(self, *args, **kwargs)
+        warnings.warn("gradient_checkpointing_enable() on a model converted by meft_fx does nothing: its reversible "
+                      "stack keeps no layer's activations, so there is nothing to checkpoint (the Trainer's "
+                      "gradient_checkpointing=True can be left off)", stacklevel=2)
+        return None
+
+    return gradient_checkpointing_enable
 
 
 @contextlib.contextmanager
@@ -176,7 +193,7 @@ def install(model: nn.Module, body: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             mode: str = "vocab") -> nn.Module:
     """Give `model` the chunked training forward with `body` (a submodule path) feeding its head."""
     model.get_submodule(body)  # AttributeError naming the path if there is none
-    model.__class__ = _chunked_class(type(model))
+    model.__class__ = model_class(type(model))
     params = inspect.signature(type(model)._meft_chunked_base.forward).parameters
     model.__dict__[STATE] = ChunkedLoss(body, chunk_bytes, params, verbose, mode)
     return model

@@ -233,6 +233,8 @@ def _chunk_head(model: nn.Module, config: MEFTConfig) -> None:
     """A vocabulary head outside the stack's owner: the model's training forward chunks it (`chunk_loss`).
 
     (A head inside the owner's program is chunked by the pipeline's `chunk_head_loss` pass.)"""
+    if hasattr(model, "gradient_checkpointing_enable"):  # transformers models: it warns instead of doing nothing
+        model.__class__ = chunked_loss.model_class(type(model))
     owners = [m.owner for m in model.modules() if isinstance(m, ConvertedModule)]
     if config.chunk_loss and len(owners) == 1 and owners[0] and chunked_loss.has_vocabulary_head(model, owners[0]):
         chunked_loss.install(model, owners[0], config.loss_chunk_bytes, config.verbose)
@@ -310,8 +312,21 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     out.meft_config = config
     out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)
     out.train(was_training)
-    n_train = sum(p.numel() for p in out.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in out.parameters())
+    n_train, n_all = trainable_parameters(out)
     progress(f"done: {sum(isinstance(m, ReversibleStack) for m in out.modules())} reversible stack(s); "
              f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)")
     return out
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `model`, each shared parameter counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print (and return) "trainable params: N || all params: M || trainable%: P", as PEFT does."""
+    n_train, n_all = trainable_parameters(model)
+    line = f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / max(n_all, 1):.4f}"
+    print(line)
+    return line

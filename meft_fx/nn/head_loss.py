@@ -83,28 +83,46 @@ class _Blocks:
 
 def _by_vocab(h, weight, bias, target, need, dtype, ignore_index, smoothing, reduction, cols):
     """(summed loss, grads) with every token at once and the vocabulary in blocks: an online log-sum-exp
-    pass, then (when a gradient is needed) a second pass that builds each block's softmax gradient."""
+    pass, which also accumulates softmax @ weight for the gradient of h (as flash attention accumulates
+    softmax @ V); a second pass builds each block's softmax gradient only when the head itself trains."""
     blocks, V = _Blocks(h, weight, bias, dtype, cols), weight.shape[0]
     valid = target != ignore_index
     run_max = torch.full((h.shape[0],), -torch.inf, dtype=blocks.acc, device=h.device)
     run_sum, picked, row_sum = (torch.zeros_like(run_max) for _ in range(3))
-    for v0, v1, _, lg in blocks:
+    want_h = need[0] and not (need[1] or need[2])
+    p_w = torch.zeros(h.shape, dtype=blocks.acc, device=h.device) if want_h else None  # Σ exp(logit − max)·w
+    for v0, v1, lin_dtype, lg in blocks:
         hit = valid & (target >= v0) & (target < v1)
         picked[hit] = lg[hit, target[hit] - v0]
         if smoothing:
             row_sum += lg.sum(1)
         new_max = torch.maximum(run_max, lg.amax(1))
-        run_sum = run_sum * (run_max - new_max).exp() + lg.sub_(new_max[:, None]).exp_().sum(1)
+        rescale = (run_max - new_max).exp()
+        p = lg.sub_(new_max[:, None]).exp_()
+        run_sum = run_sum * rescale + p.sum(1)
+        if want_h:
+            p_w.mul_(rescale[:, None]).add_(p.to(lin_dtype) @ weight[v0:v1])
         run_max = new_max
     lse = run_max + run_sum.log()
     per_row = (1 - smoothing) * (lse - picked) + (smoothing * (lse - row_sum / V) if smoothing else 0)
     total = per_row[valid].sum()
+    scale = valid.to(blocks.acc) / (valid.sum().clamp_min(1) if reduction == "mean" else 1)
+    if want_h:
+        return total, [_h_grad(p_w / run_sum[:, None], weight, target, valid, scale, smoothing).to(h.dtype), None, None]
     grads = [torch.zeros_like(t, dtype=blocks.acc) if n and t is not None else None
              for t, n in zip((h, weight, bias), need)]
     if any(need):
-        scale = valid.to(blocks.acc) / (valid.sum().clamp_min(1) if reduction == "mean" else 1)
         _softmax_grads(blocks, target, valid, lse, scale, smoothing, grads)
     return total, [g.to(t.dtype) if g is not None else None for g, t in zip(grads, (h, weight, bias))]
+
+
+def _h_grad(softmax_w, weight, target, valid, scale, smoothing: float):
+    """d loss / d h = scale · (softmax @ W − (1 − ε)·W[target] − ε·mean(W)), rows not ignored."""
+    g = softmax_w
+    g[valid] -= (1 - smoothing) * weight[target[valid]].to(g.dtype)
+    if smoothing:
+        g -= smoothing * weight.to(g.dtype).mean(0)
+    return g.mul_(scale[:, None])
 
 
 def _softmax_grads(blocks: _Blocks, target, valid, lse, scale, smoothing: float, grads) -> None:
@@ -162,8 +180,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         reduction: "mean" (over the rows not ignored) or "sum".
         chunk_bytes: bytes of logits alive at a time.
         mode: "vocab" (default): every token at once, the vocabulary in blocks of
-            chunk_bytes / (N · itemsize) columns — an online log-sum-exp pass, then a gradient pass
-            that recomputes each block (three matmuls with the head, each as wide as the batch).
+            chunk_bytes / (N · itemsize) columns — one pass with an online log-sum-exp that also
+            accumulates softmax @ weight for h's gradient: two matmuls with the head, each as wide as
+            the batch, like the unchunked loss (a second pass when the head's weight or bias trains).
             "tokens": chunks of chunk_bytes / (V · itemsize) tokens with their whole logits rows, the
             gradients taken at once (Liger's scheme: two matmuls, but thin ones, which a CPU runs at a
             fraction of its speed when chunks hold few tokens).

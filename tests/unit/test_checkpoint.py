@@ -93,6 +93,20 @@ def test_load_into_fresh_conversion_reproduces_predictions(saved):
     assert torch.equal(loss_a, loss_b)
 
 
+def test_from_pretrained_converts_and_loads_in_one_step(saved, capsys):
+    _, base_dir, inputs, rev, folder = saved
+    one = meft_fx.from_pretrained(fresh_base(base_dir), folder, chunk_loss=False)
+    assert torch.equal(predict(one, inputs), predict(rev, inputs))
+    assert one.meft_config.chunk_loss is False and one.meft_config.method == rev.meft_config.method
+    with pytest.raises(ValueError, match="adapter_rank would change the network"):
+        meft_fx.from_pretrained(fresh_base(base_dir), folder, adapter_rank=4)
+    n_train, n_all = meft_fx.trainable_parameters(one)
+    assert n_train == sum(p.numel() for p in one.parameters() if p.requires_grad) and 0 < n_train < n_all
+    line = meft_fx.print_trainable_parameters(one)
+    assert capsys.readouterr().out.strip() == line == (
+        f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / n_all:.4f}")
+
+
 def test_settings_that_do_not_change_the_network_may_differ(saved):
     _, base_dir, inputs, rev, folder = saved
     lam, beta, _ = rev.meft_config.scales

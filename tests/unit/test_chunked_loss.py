@@ -89,6 +89,16 @@ def test_convert_chunks_the_head_by_default_and_changes_no_gradient():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, equal_nan=True)
 
 
+def test_gradient_checkpointing_enable_on_a_converted_model_warns_and_claims_nothing():
+    rev = meft_fx.convert(_decoder("llama"), meft_fx.MEFTConfig(chunk_loss=False))
+    with pytest.warns(UserWarning, match="nothing to checkpoint"):
+        rev.gradient_checkpointing_enable()
+    assert not rev.is_gradient_checkpointing
+    plain = meft_fx.chunk_loss(_decoder("llama"))  # not converted: checkpointing works as usual
+    plain.gradient_checkpointing_enable()
+    assert plain.is_gradient_checkpointing
+
+
 def test_convert_chunks_a_head_inside_the_converted_program():
     torch.manual_seed(0)
     base = PreNormTransformer(vocab_size=VOCAB).double()

@@ -104,3 +104,16 @@ def test_both_schedules_equal_cross_entropy_with_a_trained_head(mode, reduction,
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, c in zip(torch.autograd.grad(ref, params), torch.autograd.grad(out, params)):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction, smoothing", [("mean", 0.0), ("sum", 0.1), ("mean", 0.3)])
+def test_frozen_head_one_pass_gradient_of_h_equals_autograd(reduction, smoothing):
+    """A frozen head (the usual fine-tuning case): h's gradient is accumulated in the log-sum-exp pass."""
+    h, w, b, t = _case(seed=5, n=33, v=70)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    ref = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=smoothing)
+    out = linear_cross_entropy(h, w, b, t, reduction=reduction, label_smoothing=smoothing, chunk_bytes=33 * 8 * 9)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (a,), (c,) = torch.autograd.grad(ref, [h]), torch.autograd.grad(out, [h])
+    torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-13)
