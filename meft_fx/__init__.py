@@ -22,7 +22,7 @@ _EXPORTS = {
     "graphs": "inspection.graphs", "show": "inspection.graphs", "to_networkx": "inspection.networkx_view",
     "draw": "inspection.draw", "debug_node": "inspection.debug_node",
     "save_adapters": "checkpoint", "load_adapters": "checkpoint", "adapter_config": "checkpoint",
-    "from_pretrained": "checkpoint", "trainable_parameters": "conversion", "print_trainable_parameters": "conversion",
+    "from_pretrained": "conversion", "trainable_parameters": "conversion", "print_trainable_parameters": "conversion",
     "chunk_loss": "chunked_loss", "linear_cross_entropy": "nn.head_loss",
     "compile": "compilation", "compile_couplings": "compilation", "compiled_couplings": "compilation",
     "ConversionError": "errors", "CaptureError": "errors", "ReconstructionError": "errors",

@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from .config import MEFTConfig
-from .conversion import ConvertedModule
 from .errors import AdapterMismatchError
 
-__all__ = ["save_adapters", "load_adapters", "adapter_config", "from_pretrained", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["save_adapters", "load_adapters", "adapter_config", "save_pretrained", "WEIGHTS_NAME", "CONFIG_NAME",
+           "NETWORK_FIELDS"]
 
 WEIGHTS_NAME = "meft_adapters.safetensors"
 CONFIG_NAME = "meft_adapters.json"
@@ -119,7 +119,7 @@ def _base_tensors(model: nn.Module, exclude) -> dict:
     excluded = {id(p) for n, p in named.items() if n in exclude}
     originals = {}  # rewritten parameter name -> (prefix, original module) of its ConvertedModule
     for path, mod in model.named_modules():
-        original = mod.__dict__.get("_original") if isinstance(mod, ConvertedModule) else None
+        original = mod.__dict__.get("_original") if hasattr(mod, "graph_module") else None  # a ConvertedModule
         if original is not None:
             prefix = f"{path}." if path else ""
             for n, _ in mod.named_parameters():
@@ -206,6 +206,30 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
+#: The weights file HF's Trainer reads when resuming (`transformers.utils.SAFE_WEIGHTS_NAME`).
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """What `save_pretrained` of a converted transformers model writes (so `trainer.save_model()` and
+    every Trainer checkpoint): the `save_adapters` folder, plus `model.safetensors` holding the same
+    trainable tensors, which `Trainer(resume_from_checkpoint=...)` loads into a fresh conversion.
+    No `config.json`: a plain `from_pretrained(folder)` fails instead of loading a model with random
+    layers; load with `meft_fx.from_pretrained(base_model, folder)`."""
+    from safetensors.torch import save_file
+
+    folder = save_adapters(model, folder)
+    params = {n: _full(p.detach()).to("cpu").contiguous() for n, p in _unwrap(model).named_parameters()
+              if p.requires_grad}
+    tmp = folder / f".{TRAINER_WEIGHTS_NAME}.tmp"
+    try:
+        save_file(params, str(tmp), metadata={"format": "pt", "meft_fx": FORMAT})
+        os.replace(tmp, folder / TRAINER_WEIGHTS_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return folder
+
+
 def _write_folder(folder: Path, tensors: dict, record: dict) -> None:
     """Both files written to temporary names, the weights' SHA-256 recorded, then moved in place:
     an interrupted save leaves the previous save (or nothing), never half a file."""
@@ -266,24 +290,6 @@ def adapter_config(folder: str | os.PathLike) -> MEFTConfig:
     cfg = dict(record["meft_config"])
     known = set(MEFTConfig.__dataclass_fields__)
     return MEFTConfig(**{k: v for k, v in cfg.items() if k in known})
-
-
-def from_pretrained(base_model: nn.Module, folder: str | os.PathLike, **overrides) -> nn.Module:
-    """Convert `base_model` with the MEFTConfig saved in `folder` and load the adapters: one step, as
-    PEFT's `PeftModel.from_pretrained(base, folder)`. The result predicts exactly like the model that
-    was saved. `overrides`: MEFTConfig fields that do not change the network (verbose, inplace,
-    chunk_loss, reversible, ...); a field of the network (method, adapter_rank, numerics, ...) is a
-    ValueError. Raises what `adapter_config`, `convert` and `load_adapters` raise."""
-    config = adapter_config(folder)
-    network = sorted(set(overrides) & set(NETWORK_FIELDS + ("lam", "beta")))
-    if network:
-        raise ValueError(f"from_pretrained: {', '.join(network)} would change the network the adapters in {folder} "
-                         f"were trained for; leave them out (they come from the folder)")
-    if overrides:
-        config = MEFTConfig(**{**config.to_dict(), **overrides})
-    from .conversion import convert
-
-    return load_adapters(convert(base_model, config), folder)
 
 
 def _short(names, limit: int = 6) -> str:

@@ -13,6 +13,7 @@ no_grad and torch.compile calls always do. `convert` installs this by default
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import warnings
@@ -151,10 +152,59 @@ def model_class(cls: type) -> type:
         return state.run(self, original, args, kwargs)
 
     attrs = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-             "_meft_chunked_base": cls}
-    if hasattr(cls, "gradient_checkpointing_enable"):
-        attrs["gradient_checkpointing_enable"] = _checkpointing_enable(cls.gradient_checkpointing_enable)
+             "_meft_chunked_base": cls, "__reduce_ex__": _refuse_pickle,
+             "__deepcopy__": _deepcopy}
+    for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):  # transformers 4 / 5 names
+        if hasattr(cls, name):
+            attrs[name] = _checkpointing_enable(getattr(cls, name))
+    if hasattr(cls, "save_pretrained"):
+        attrs["save_pretrained"] = _save_pretrained(cls.save_pretrained)
+        attrs["_keys_to_ignore_on_save"] = _frozen_keys(getattr(cls, "_keys_to_ignore_on_save", None))
     return type(cls.__name__, (cls,), attrs)
+
+
+def _deepcopy(self, memo):
+    """copy.deepcopy still works (pickling does not): the instance's state, copied."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    for k, v in self.__dict__.items():
+        new.__dict__[k] = copy.deepcopy(v, memo)
+    return new
+
+
+def _refuse_pickle(self, protocol):
+    raise TypeError(
+        f"{type(self).__name__} rewritten by meft_fx cannot be pickled (torch.save(model)): its rewritten or "
+        f"captured programs hold torch.export closures. Save what training changed with "
+        f"meft_fx.save_adapters(model, folder) (or model.save_pretrained(folder)) and load it with "
+        f"meft_fx.from_pretrained(base_model, folder); or save model.state_dict()")
+
+
+def _save_pretrained(original):
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """A converted model saves its adapters only (`meft_fx.checkpoint.save_pretrained`): what
+        `trainer.save_model()` and Trainer checkpoints write; a model that is not converted saves as usual."""
+        if getattr(self, "meft_config", None) is None:
+            return original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            from .checkpoint import save_pretrained as save_folder
+            save_folder(self, save_directory)
+        return None
+
+    return save_pretrained
+
+
+def _frozen_keys(default):
+    """`_keys_to_ignore_on_save` of a converted model: every state-dict key that is not trained, so that
+    the Trainer, resuming from an adapter-only checkpoint, expects exactly those to be missing."""
+    def keys(self):
+        if getattr(self, "meft_config", None) is None:
+            return default
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        return [k for k in self.state_dict(keep_vars=True) if k not in trained]
+
+    return property(keys)
 
 
 def _checkpointing_enable(original):
@@ -162,7 +212,7 @@ def _checkpointing_enable(original):
     def gradient_checkpointing_enable(self, *args, **kwargs):
         if getattr(self, "meft_config", None) is None:  # chunk_loss on a model that is not converted
             return original(self, *args, **kwargs)
-        warnings.warn("gradient_checkpointing_enable() on a model converted by meft_fx does nothing: its reversible "
+        warnings.warn(f"{original.__name__}() on a model converted by meft_fx does nothing: its reversible "
                       "stack keeps no layer's activations, so there is nothing to checkpoint (the Trainer's "
                       "gradient_checkpointing=True can be left off)", stacklevel=2)
         return None

@@ -330,3 +330,21 @@ def print_trainable_parameters(model: nn.Module) -> str:
     line = f"trainable params: {n_train:,} || all params: {n_all:,} || trainable%: {100 * n_train / max(n_all, 1):.4f}"
     print(line)
     return line
+
+
+def from_pretrained(base_model: nn.Module, folder, **overrides) -> nn.Module:
+    """Convert `base_model` with the MEFTConfig saved in `folder` and load the adapters: one step, as
+    PEFT's `PeftModel.from_pretrained(base, folder)`. The result predicts exactly like the model that
+    was saved. `overrides`: MEFTConfig fields that do not change the network (verbose, inplace,
+    chunk_loss, reversible, ...); a field of the network (method, adapter_rank, numerics, ...) is a
+    ValueError. Raises what `adapter_config`, `convert` and `load_adapters` raise."""
+    from .checkpoint import NETWORK_FIELDS, adapter_config, load_adapters
+
+    config = adapter_config(folder)
+    network = sorted(set(overrides) & set(NETWORK_FIELDS + ("lam", "beta")))
+    if network:
+        raise ValueError(f"from_pretrained: {', '.join(network)} would change the network the adapters in {folder} "
+                         f"were trained for; leave them out (they come from the folder)")
+    if overrides:
+        config = MEFTConfig(**{**config.to_dict(), **overrides})
+    return load_adapters(convert(base_model, config), folder)

@@ -122,3 +122,49 @@ def test_plain_loop_with_gradient_clipping(minilm):
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def _tiny_causal_lm(seed):
+    import transformers as tf
+    cfg = tf.LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(cfg)
+
+
+def _lm_trainer(model, out, steps):
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 2048, (24, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], logging_steps=100, seed=0, use_cpu=True,
+                             disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+@pytest.mark.slow  # ~28 s: two Trainer runs and a resume
+def test_trainer_checkpoints_hold_the_adapters_only_and_resume_exactly(tmp_path):
+    """save_model / checkpoints of a converted causal LM: adapters + meft config, no config.json; resuming a
+    fresh conversion from step 3 ends bit for bit where the uninterrupted 6-step run ends."""
+    hf_logging.set_verbosity_error()
+    base = _tiny_causal_lm(0)
+    whole = meft_fx.convert(base)
+    _lm_trainer(whole, tmp_path / "a", 6).train()
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"meft_adapters.safetensors", "meft_adapters.json", "model.safetensors"} <= names
+    assert "config.json" not in names  # a plain from_pretrained fails instead of loading random layers
+    adapters = (ckpt / "meft_adapters.safetensors").stat().st_size + (ckpt / "meft_adapters.json").stat().st_size
+    assert (ckpt / "model.safetensors").stat().st_size + adapters <= 2 * adapters
+    torch.manual_seed(123)  # other fresh adapters: the checkpoint must overwrite them
+    resumed = meft_fx.convert(_tiny_causal_lm(0))
+    _lm_trainer(resumed, tmp_path / "b", 6).train(resume_from_checkpoint=str(ckpt))
+    trained = {n: p for n, p in whole.named_parameters() if p.requires_grad}
+    for n, p in resumed.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, trained[n]), n
+    final = tmp_path / "final"
+    _lm_trainer(whole, tmp_path / "a", 6).save_model(str(final))
+    reloaded = meft_fx.from_pretrained(_tiny_causal_lm(0), final)
+    ids = torch.randint(3, 2048, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(input_ids=ids).logits, whole.eval()(input_ids=ids).logits)

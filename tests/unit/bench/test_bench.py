@@ -110,3 +110,19 @@ def test_meft_memory_is_flat_in_depth_and_below_checkpointing():
     assert meft_growth < 0.5 * ckpt_growth
     assert mib[8, "meft3_exact"] <= 1.1 * mib[2, "meft3_exact"]
     assert mib[8, "meft3_exact"] < mib[8, "lora_ckpt"]
+
+
+def test_decoder_bench_at_tiny_size_chunks_the_head():
+    """`--arch llama`: the chunked-loss rows run, and chunking the head (vocabulary 4096, 64 tokens) is what
+    takes the logits out of both LoRA + checkpointing's and meft_fx's memory."""
+    rows = bench.run_benchmark(hidden=32, depths=[1], seqs=[32], batch=2, dtype="float32", device="cpu", repeats=1,
+                               vocab=4096, progress=False, arch="llama", heads=2, kv_heads=1,
+                               methods=["lora_ckpt", "lora_ckpt_chunked", "meft3_float"])
+    by = {r["method"]: r for r in rows}
+    assert all(_ok(r) for r in rows), [r["status"] for r in rows]
+    assert by["lora_ckpt_chunked"]["note"].endswith("tokens per chunk, Liger's rule)")
+    logits_mib = 2 * 32 * 4096 * 4 / 2 ** 20  # 1 MiB of fp32 logits
+    for chunked in ("lora_ckpt_chunked", "meft3_float"):  # the logits (and their gradient) never exist
+        assert by[chunked]["activation_mib"] < by["lora_ckpt"]["activation_mib"] - logits_mib, chunked
+    assert by["meft3_float"]["ratio_lora_ckpt_chunked"] == by["meft3_float"]["activation_mib"] / by[
+        "lora_ckpt_chunked"]["activation_mib"]

@@ -192,6 +192,7 @@ def _same(g1, g2):
         assert (g1[n] is None) == (g2[n] is None) and (g1[n] is None or torch.equal(g1[n], g2[n])), n
 
 
+@pytest.mark.slow  # ~11 s: checks this module's shortcuts, not the library
 def test_shortcuts_equal_separate_conversions():
     """The module's shortcuts (see the docstring) == separate conversions with the same seed, bit for bit."""
     model = tiny_model("bert", torch.float32, num_layers=SMALL)
