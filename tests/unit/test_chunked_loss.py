@@ -89,6 +89,7 @@ def test_convert_chunks_the_head_by_default_and_changes_no_gradient():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, equal_nan=True)
 
 
+@pytest.mark.slow  # ~7 s: a conversion and a chunk_loss capture
 def test_gradient_checkpointing_enable_on_a_converted_model_warns_and_claims_nothing():
     rev = meft_fx.convert(_decoder("llama"), meft_fx.MEFTConfig(chunk_loss=False))
     with pytest.warns(UserWarning, match="nothing to checkpoint"):
