@@ -26,7 +26,8 @@ def minilm():
     return model, batch, ref
 
 
-@pytest.mark.parametrize("method", ["meft1", "meft2", "meft3"])
+@pytest.mark.parametrize("method", [pytest.param("meft1", marks=pytest.mark.slow),
+                                    pytest.param("meft2", marks=pytest.mark.slow), "meft3"])
 def test_starting_point_and_trainable_fraction(minilm, method):
     model, batch, ref = minilm
     rev = meft_fx.convert(model, meft_fx.MEFTConfig(method=method)).eval()

@@ -47,6 +47,7 @@ def fresh_base(base_dir):
     return BertForSequenceClassification.from_pretrained(base_dir, dtype=torch.float64).train()
 
 
+@pytest.mark.slow  # ~7 s; every load test below also loads into a fresh conversion
 def test_trainable_names_are_stable_between_conversions(saved):
     arch, base_dir, *_ = saved
     a = meft_fx.convert(arch.model)

@@ -254,7 +254,8 @@ def test_a_slice_of_a_real_batch_as_example_inputs_serves_later_calls():
     assert rev(**{k: v[1:2, ::2] for k, v in batch.items()}).logits.shape == (1, 12, 100)  # odd strides
 
 
-@pytest.mark.parametrize("example_shape", [(1, 16), (3, 1), (1, 1)], ids=["batch1", "seq1", "bos_only"])
+@pytest.mark.parametrize("example_shape", [(1, 16), pytest.param((3, 1), marks=pytest.mark.slow), (1, 1)],
+                         ids=["batch1", "seq1", "bos_only"])
 def test_size_one_examples_serve_every_later_size(example_shape):
     arch = make("llama")
     rev = meft_fx.convert(arch.model, example_inputs=_ids_and_mask(arch.make_inputs(*example_shape)))
