@@ -153,7 +153,7 @@ def model_class(cls: type) -> type:
 
     attrs = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
              "_meft_chunked_base": cls, "__reduce_ex__": _refuse_pickle,
-             "__deepcopy__": _deepcopy}
+             "__deepcopy__": copy_instance}
     for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable"):  # transformers 4 / 5 names
         if hasattr(cls, name):
             attrs[name] = _checkpointing_enable(getattr(cls, name))
@@ -163,8 +163,9 @@ def model_class(cls: type) -> type:
     return type(cls.__name__, (cls,), attrs)
 
 
-def _deepcopy(self, memo):
-    """copy.deepcopy still works (pickling does not): the instance's state, copied."""
+def copy_instance(self, memo):
+    """`__deepcopy__` of meft_fx's module classes: copy.deepcopy works where pickling does not (the
+    instance's state, copied, the class kept)."""
     new = type(self).__new__(type(self))
     memo[id(self)] = new
     for k, v in self.__dict__.items():

@@ -103,12 +103,7 @@ class ConvertedModule(nn.Module):
             raise TypeError(f"config must be a meft_fx.MEFTConfig, got {type(config).__name__}")
         self.__dict__["_config"] = config.validate()
 
-    def __deepcopy__(self, memo):
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        return new
+    __deepcopy__ = chunked_loss.copy_instance
 
     def __reduce_ex__(self, protocol):
         raise TypeError(

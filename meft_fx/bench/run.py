@@ -169,7 +169,7 @@ def prepare(method: str, model, batch: dict, spec: BenchModel | None = None):
         return _chunked(*_lora(model, spec, checkpointing=True), spec, batch, method.endswith("_vocab"))
     if method == "compile_budget0":
         return _compile(model)
-    if method in MEFT_METHODS or method in NOCHUNK_METHODS:  # noqa: SIM114
+    if method in MEFT_METHODS or method in NOCHUNK_METHODS:
         return _meft(model, method, batch)
     if method in COMPILED_METHODS:
         converted, note = _meft(model, method[: -len("_compiled")], batch)

@@ -17,21 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.chunks import fit
+
 #: Default bytes of logits per chunk (`MEFTConfig.loss_chunk_bytes`).
 DEFAULT_CHUNK_BYTES = 4 * 2 ** 20
 REDUCTIONS = ("mean", "sum")
 
 
-def chunk_rows(vocab: int, dtype: torch.dtype, chunk_bytes: int) -> int:
-    """Token rows per chunk ("tokens" mode): as many as fit `chunk_bytes` of logits in `dtype` (at least one)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, int(chunk_bytes) // max(1, vocab * itemsize))
-
-
-def chunk_cols(tokens: int, dtype: torch.dtype, chunk_bytes: int) -> int:
-    """Vocabulary columns per block ("vocab" mode): as many as fit `chunk_bytes` of logits for every token."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, int(chunk_bytes) // max(1, tokens * itemsize))
+def chunk_rows(other: int, dtype: torch.dtype, chunk_bytes: int) -> int:
+    """Lines per chunk of logits in `dtype` whose other side is `other` long: tokens per chunk in "tokens"
+    mode (other = the vocabulary), vocabulary columns per block in "vocab" mode (other = the tokens)."""
+    return fit(other, torch.empty((), dtype=dtype).element_size(), chunk_bytes)
 
 
 def _chunk(h, weight, bias, target, need, dtype, ignore_index: int, smoothing: float, scale):
@@ -143,7 +139,7 @@ def _softmax_grads(blocks: _Blocks, target, valid, lse, scale, smoothing: float,
             grads[2][v0:v1] = g.sum(0, dtype=grads[2].dtype)
 
 
-MODES = {"vocab": (_by_vocab, chunk_cols), "tokens": (_by_tokens, chunk_rows)}
+MODES = {"vocab": _by_vocab, "tokens": _by_tokens}
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -151,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, dtype, ignore_index, smoothing, reduction, mode, size):
         need = tuple(ctx.needs_input_grad[:3])
         with torch.no_grad():
-            total, grads = MODES[mode][0](h, weight, bias, target, need, dtype, ignore_index, smoothing, reduction,
+            total, grads = MODES[mode](h, weight, bias, target, need, dtype, ignore_index, smoothing, reduction,
                                           size)
         if reduction == "mean":  # over the rows not ignored (the gradients were scaled already)
             total = total / (target != ignore_index).sum()
@@ -197,7 +193,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes={chunk_bytes!r} must be a positive integer (bytes of logits per chunk)")
     cdt = logits_dtype or torch.promote_types(h.dtype, weight.dtype)
-    size = MODES[mode][1](weight.shape[0] if mode == "tokens" else h.shape[0], cdt, chunk_bytes)
+    size = chunk_rows(weight.shape[0] if mode == "tokens" else h.shape[0], cdt, chunk_bytes)
     return _LinearCrossEntropy.apply(h, weight, bias, target, logits_dtype, int(ignore_index),
                                      float(label_smoothing), reduction, mode, size)
 

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ChunkPlan", "run_in_chunks", "vjp_in_chunks"]
+__all__ = ["ChunkPlan", "fit", "run_in_chunks", "vjp_in_chunks"]
+
+
+def fit(width: int, itemsize: int, chunk_bytes: int) -> int:
+    """How many lines of `width` elements of `itemsize` bytes fit in `chunk_bytes` (at least one)."""
+    return max(1, int(chunk_bytes) // max(1, width * itemsize))
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class ChunkPlan:
 
     def rows(self, x: torch.Tensor) -> int:
         """Tokens per chunk for input `x` (all of them when they fit)."""
-        return max(1, self.chunk_bytes // max(1, self.width * x.element_size()))
+        return fit(self.width, x.element_size(), self.chunk_bytes)
 
     def __repr__(self) -> str:  # printed in the generated programs
         return f"ChunkPlan(width={self.width}, chunk_bytes={self.chunk_bytes})"

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as Fn
 
 from meft_fx.nn.head_loss import DEFAULT_CHUNK_BYTES, REDUCTIONS, ChunkedHeadLoss
-from ..fx.dataflow import tensor_dtype, tensor_shape
+from ..fx.dataflow import output_node, tensor_dtype, tensor_shape
 from ..fx.ops import is_shape_only
 from ..fx.provenance import describe, stamp
 
@@ -106,7 +106,7 @@ def _match(gm: fx.GraphModule, ce: fx.Node) -> HeadLoss:
         found.reason = f"{shape[-1]} classes (< {MIN_CLASSES}): the logits are small, not chunked"
     else:
         nodes = [lin] + chain[::-1]
-        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        out = output_node(gm)
         returned = [n for n in nodes if out in n.users]
         for prev, nxt in zip(nodes, nodes[1:] + [ce]):
             other = _other_use(prev, {nxt, out})
@@ -144,8 +144,7 @@ def _rewrite(gm: fx.GraphModule, m: HeadLoss, name: str, chunk_bytes: int, mode:
     m.loss.replace_all_uses_with(loss)
     if m.logits_out is not None:
         logits.meta.update({k: v for k, v in m.logits_out.meta.items() if k in ("val", "tensor_meta")})
-        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        out.replace_input_with(m.logits_out, logits)
+        output_node(gm).replace_input_with(m.logits_out, logits)
     for n in [m.loss, *reversed(m.chain), m.linear]:
         for u in list(n.users):
             if u.op == "call_function" and u.target in _ASSERTS:
