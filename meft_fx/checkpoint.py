@@ -52,9 +52,10 @@ FORMAT = "meft_fx.adapters"
 FORMAT_VERSION = 1
 SAMPLE = 4096  # elements hashed per frozen tensor
 # MEFTConfig fields that change what the saved weights compute; the others may differ at load time.
-NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits")
+NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits",
+                  "modules_to_save")
 # What a field was before it existed (folders saved by older versions lack it).
-NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits}
+NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "modules_to_save": []}
 
 
 def _class_name(model: nn.Module) -> str:
@@ -164,7 +165,7 @@ def _identity(model: nn.Module, exclude) -> dict:
 
 def _network(config: MEFTConfig) -> dict:
     lam, beta, swap = config.scales
-    out = {k: getattr(config, k) for k in NETWORK_FIELDS}
+    out = {k: list(v) if isinstance(v := getattr(config, k), tuple) else v for k in NETWORK_FIELDS}
     out.update(lam=lam, beta=beta, swap=swap)
     return out
 

@@ -165,11 +165,13 @@ def model_class(cls: type) -> type:
 
 def copy_instance(self, memo):
     """`__deepcopy__` of meft_fx's module classes: copy.deepcopy works where pickling does not (the
-    instance's state, copied, the class kept)."""
+    instance's state, copied, the class kept; attributes the class names in `NOT_DEEPCOPIED`, caches of
+    what can be made again, start empty)."""
     new = type(self).__new__(type(self))
     memo[id(self)] = new
+    skip = getattr(type(self), "NOT_DEEPCOPIED", ())
     for k, v in self.__dict__.items():
-        new.__dict__[k] = copy.deepcopy(v, memo)
+        new.__dict__[k] = None if k in skip else copy.deepcopy(v, memo)
     return new
 
 

@@ -117,7 +117,13 @@ class MEFTConfig:
         train_head: also train parameters outside the transformer's base model (a task head such as a
             classifier) when the model has a separate `base_model` — those the caller left trainable: a
             head whose parameters were frozen (requires_grad=False) stays frozen. Everything pretrained
-            and the output embeddings (tied to the input embeddings in causal LMs) stay frozen.
+            and the output embeddings stay frozen: a causal LM's head is its output embedding (often tied to
+            the input embeddings), so train_head trains nothing there; `modules_to_save=("lm_head",)` does.
+        modules_to_save: names of modules to train in full and save with the adapters, as PEFT's
+            `modules_to_save` (e.g. ("lm_head",) for a causal LM's head, ("score",), ("model.norm",)): a
+            module path, or a name that ends one path (ValueError when none or several match). A weight
+            it shares with another module (a head tied to the input embeddings) is untied first: the
+            module trains its own copy, the other keeps the pretrained tensor.
         chunk_loss: in training, compute a vocabulary head's cross-entropy in chunks of tokens, so that the
             full logits (tokens × vocabulary) never exist: the `chunk_head_loss` pass rewrites a linear map
             with ≥ 1024 outputs that feeds only a cross-entropy (and the returned logits). Same loss and
@@ -134,7 +140,9 @@ class MEFTConfig:
             (torch.fx.symbolic_trace, for plain modules), or "auto" (export, falling back to fx).
         inplace: False (default) converts a deep copy and leaves the caller's model untouched;
             True rewrites the given model object itself (saves the memory of a copy).
-        verbose: print progress (capture, analysis, rewrite) to stderr.
+        verbose: progress lines (capture, analysis, rewrite; a re-capture for a new call structure
+            mid-training) on stderr. None (default): shown once the work has taken 2 s (then the lines
+            so far too), so quick conversions stay silent; True: always; False: never.
     """
 
     method: str = "meft3"
@@ -149,12 +157,13 @@ class MEFTConfig:
     reversible: bool = True
     output: str = "pretrained"
     train_head: bool = True
+    modules_to_save: tuple = ()
     chunk_loss: bool = True
     loss_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     recompute_chunk_bytes: int = DEFAULT_RECOMPUTE_CHUNK_BYTES
     capture: str = "auto"
     inplace: bool = False
-    verbose: bool = False
+    verbose: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,6 +180,10 @@ class MEFTConfig:
         _choice("adapter_activation", self.adapter_activation, ACTIVATIONS)
         for name in ("lam", "beta"):
             self._check_scale(name)
+        if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ValueError(f"MEFTConfig.modules_to_save={self.modules_to_save!r} must be a tuple or list of module "
+                             f"names, e.g. ('lm_head',)")
+        self.modules_to_save = tuple(self.modules_to_save)
         _integer("adapter_rank", self.adapter_rank, 1, None)
         _integer("frac_bits", self.frac_bits, 8, MAX_FRAC_BITS)
         _integer("loss_chunk_bytes", self.loss_chunk_bytes, 1, None)
@@ -178,8 +191,9 @@ class MEFTConfig:
         _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _number("adapter_init_std", self.adapter_init_std, "a finite number > 0", lambda v: 0.0 < v < math.inf)
         for name in ("reversible", "train_head", "chunk_loss", "inplace", "verbose"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False")
+            if not isinstance(getattr(self, name), bool) and not (name == "verbose" and self.verbose is None):
+                raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False"
+                                 + (" (or None: shown after 2 s)" if name == "verbose" else ""))
         return self
 
     def _check_scale(self, name: str) -> None:
@@ -224,5 +238,5 @@ class MEFTConfig:
             return None
 
     def to_dict(self) -> dict:
-        """The fields as a plain dict (for saving next to adapter weights)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields as a plain, JSON-ready dict (tuples as lists; for saving next to adapter weights)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}

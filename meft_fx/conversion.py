@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import chunked_loss
+from . import chunked_loss, generation
 from .capture import CallSpec, capture, is_transformers_model, normalize_inputs, serves
 from .compilation import compile_like
 from .config import MEFTConfig
@@ -55,7 +55,7 @@ class ConvertedModule(nn.Module):
     """
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
-                 unmatched: list, owner: str):
+                 unmatched: list, owner: str, example: tuple | None = None):
         super().__init__()
         self.graph_module = gm
         self.original_class = type(original).__name__
@@ -65,6 +65,8 @@ class ConvertedModule(nn.Module):
         self.__dict__["_variants"] = {spec.key: [gm]}
         self.__dict__["_config"] = config
         self.__dict__["_adapters"] = adapters
+        self.__dict__["_example"] = example  # (args, kwargs) of the capture: the probe of a CachePlan
+        self.__dict__["_cache_plan"] = None
 
     def __getattr__(self, name: str):
         # Attributes of the original module (embeddings, config, helper methods) stay reachable.
@@ -104,6 +106,18 @@ class ConvertedModule(nn.Module):
         self.__dict__["_config"] = config.validate()
 
     __deepcopy__ = chunked_loss.copy_instance
+    NOT_DEEPCOPIED = ("_cache_plan",)
+
+    @property
+    def cache_plan(self):
+        """How calls with a KV cache run (`meft_fx.generation.CachePlan`), made on first use;
+        CacheUnsupported (with the reason) when they cannot."""
+        if self._cache_plan is None:
+            from .generation import CachePlan, CacheUnsupported
+            if self._example is None:
+                raise CacheUnsupported("converted without a recorded example call")
+            self.__dict__["_cache_plan"] = CachePlan(self, self._example)
+        return self._cache_plan
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
@@ -114,6 +128,10 @@ class ConvertedModule(nn.Module):
             f"model.state_dict(). ({self.owner or self.original_class})")
 
     def forward(self, *args, **kwargs):
+        if generation.wants_cache(kwargs):
+            if not (self.training and torch.is_grad_enabled()):
+                return self.cache_plan.call(args, kwargs)
+            kwargs = generation.without_cache(kwargs, self.owner or self.original_class)
         tensors, key = CallSpec.flatten(args, kwargs)
         gm = next((g for g in self._variants.get(key, ()) if serves(g, tensors)), None)
         if gm is None:
@@ -168,10 +186,39 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _freeze(model: nn.Module, config: MEFTConfig, trainable_before: set) -> None:
-    """Train the adapters and, with `train_head`, the head parameters that were trainable before."""
+def modules_to_save(model: nn.Module, names) -> list:
+    """The parameters of the modules `names` (MEFTConfig.modules_to_save) of an unconverted `model`;
+    a parameter one of them shares with a module outside them (a head tied to the input embeddings)
+    is replaced by a copy first, so training it leaves the other module's tensor as it was."""
+    paths = [p for p, _ in model.named_modules() if p]
+    chosen = {}
+    for name in names:
+        hits = [p for p in paths if p == name] or [p for p in paths if p.endswith("." + name)]
+        if len(hits) != 1:
+            near = [p for p in paths if name.split(".")[-1] in p.split(".")][:8]
+            raise ValueError(f"MEFTConfig.modules_to_save: {name!r} names {'no' if not hits else len(hits)} module"
+                             f"{'s' if hits else ''} of {type(model).__name__}{': ' + ', '.join(hits[:8]) if hits else ''}"
+                             f"; give a full path{' such as ' + ', '.join(near) if near else ''}")
+        chosen[hits[0]] = model.get_submodule(hits[0])
+    outside = {id(p) for path, m in model.named_modules() if path not in chosen and not any(
+        path.startswith(c + ".") for c in chosen) for p in m.parameters(recurse=False)}
+    for m in chosen.values():
+        for sub in m.modules():
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                if id(p) in outside:  # tied: this module trains its own copy
+                    setattr(sub, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                        model.config.tie_word_embeddings = False
+    return [p for m in chosen.values() for p in m.parameters()]
+
+
+def _freeze(model: nn.Module, config: MEFTConfig, trainable_before: set, saved: list) -> None:
+    """Train the adapters, the modules to save and, with `train_head`, the head parameters that were
+    trainable before."""
     for p in model.parameters():
         p.requires_grad_(False)
+    for p in saved:
+        p.requires_grad_(True)
     for m in model.modules():
         if isinstance(m, Adapter):
             m.requires_grad_(True)
@@ -216,7 +263,7 @@ def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progres
         progress(f"capturing {owner or type(module).__name__} ({type(module).__name__})")
         adapters: dict = {}
         gm, spec, _ = capture_and_rewrite(module, a, k, config, adapters, progress, owner or type(module).__name__)
-        conv = ConvertedModule(module, gm, spec, config, adapters, rejected, owner)
+        conv = ConvertedModule(module, gm, spec, config, adapters, rejected, owner, example=(a, k))
         if owner:
             _set_submodule(target, owner, conv)
         else:
@@ -233,6 +280,23 @@ def _chunk_head(model: nn.Module, config: MEFTConfig) -> None:
     owners = [m.owner for m in model.modules() if isinstance(m, ConvertedModule)]
     if config.chunk_loss and len(owners) == 1 and owners[0] and chunked_loss.has_vocabulary_head(model, owners[0]):
         chunked_loss.install(model, owners[0], config.loss_chunk_bytes, config.verbose)
+
+
+def _plan_caches(model: nn.Module, progress) -> bool:
+    """Make every ConvertedModule's CachePlan; True when all can (then generate() uses a KV cache).
+
+    When one cannot, its `cache_unsupported` says why (shown by `explain`) and generate() runs uncached."""
+    ok = True
+    for m in model.modules():
+        if isinstance(m, ConvertedModule):
+            try:
+                m.cache_plan
+            except generation.CacheUnsupported as e:
+                m.cache_unsupported, ok = str(e), False
+                progress(f"{m.owner or m.original_class}: generate() runs without a KV cache: {e}")
+    if ok:
+        progress("generate(): with a KV cache")
+    return ok
 
 
 def _check_model(model) -> None:
@@ -294,22 +358,30 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     _check_model(model)
     progress = Progress(config.verbose)
     target = model if config.inplace else copy.deepcopy(model)
-    if is_transformers_model(target):  # a KV cache cannot be captured: generate() runs uncached
-        for cfg in (target.config, getattr(target, "generation_config", None)):
+    gen_cfg = getattr(target, "generation_config", None) if is_transformers_model(target) else None
+    generate_cached = getattr(gen_cfg, "use_cache", False)
+    if is_transformers_model(target):  # captures and training calls run without a KV cache
+        for cfg in (target.config, gen_cfg):
             if hasattr(cfg, "use_cache"):
                 cfg.use_cache = False
     args, kwargs = normalize_inputs(target, example_inputs)
     was_training = target.training
     trainable_before = {id(p) for p in target.parameters() if p.requires_grad}
+    saved = modules_to_save(target, config.modules_to_save)
     out = _convert_owners(target, args, kwargs, config, progress)
     _chunk_head(out, config)
-    _freeze(out, config, trainable_before)
+    if generate_cached and callable(getattr(out, "can_generate", None)) and out.can_generate():
+        gen_cfg.use_cache = _plan_caches(out, progress)
+    _freeze(out, config, trainable_before, saved)
     out.meft_config = config
     out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)
     out.train(was_training)
     n_train, n_all = trainable_parameters(out)
+    head = getattr(out, "get_output_embeddings", lambda: None)()
+    frozen_head = isinstance(head, nn.Module) and not any(p.requires_grad for p in head.parameters())
     progress(f"done: {sum(isinstance(m, ReversibleStack) for m in out.modules())} reversible stack(s); "
-             f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)")
+             f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)"
+             + ("; the LM head stays frozen (MEFTConfig(modules_to_save=('lm_head',)) trains it)" if frozen_head else ""))
     return out
 
 

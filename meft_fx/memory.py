@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["StepMemory", "measure_step_memory", "median_step_time", "memory_deltas"]
+__all__ = ["StepMemory", "measure_step_memory", "median_step_time", "alternating_times", "memory_deltas"]
 
 MiB = 1 << 20
 
@@ -141,3 +141,20 @@ def median_step_time(step: Callable[[], Any], warmup: int = 1, repeats: int = 5,
         sync()
         times.append(time.perf_counter() - t0)
     return float(statistics.median(times))
+
+
+def alternating_times(steps: dict, rounds: int = 3, warmup: int = 1) -> dict:
+    """{name: [seconds per round]} of each `steps[name]()`, run in turn (A B C A B C ...) so that a
+    machine whose load changes slows every method alike; `warmup` untimed turns first."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return times

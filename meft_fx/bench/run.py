@@ -31,7 +31,10 @@ captures and creates the .grad buffers), gradients are then zeroed in place, and
 measured with `meft_fx.memory.measure_step_memory`: activation memory = peak live bytes during the
 step minus the bytes it leaves behind. "saved" is measured separately: the bytes a forward leaves
 alive for its backward. Step time is the median over `--repeats` steps, each
-preceded by an in-place zero of the gradients.
+preceded by an in-place zero of the gradients; the methods of one (depth, seq) are timed in turn
+(A B C A B C ..., after all their memory measurements: every model stays alive until then), so a
+change in the machine's load slows all alike (`--no-alternate`: each method timed right after its
+memory, one model alive at a time). Compiled methods are always timed on their own.
 
 A method that cannot run (meft_fx.convert missing or raising, inductor unavailable, ...) is
 recorded as "unavailable: <reason>" and the benchmark carries on.
@@ -45,6 +48,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -53,7 +57,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..memory import MiB, measure_step_memory, median_step_time
+from ..memory import MiB, alternating_times, measure_step_memory, median_step_time
 from .models import ARCHS, BenchModel, liger_chunk_bytes
 
 BASELINES = ("full", "lora", "lora_ckpt", "compile_budget0")
@@ -225,9 +229,14 @@ def _method_context(method: str):
 
 
 def measure_method(method: str, config, batch: dict, dtype, device, repeats: int,
-                   compile_timeout: float | None = 600.0, seed: int = SEED, spec: BenchModel | None = None) -> dict:
-    """Build a fresh model, apply `method`, measure one step's memory and the median step time."""
+                   compile_timeout: float | None = 600.0, seed: int = SEED, spec: BenchModel | None = None,
+                   keep_step: bool = False) -> dict:
+    """Build a fresh model, apply `method`, measure one step's memory and the median step time.
+
+    `keep_step`: do not time it here; put the timed step under row["step"] instead (the caller
+    times the methods in turn, `alternating_times`); compiled methods are always timed here."""
     row = {"method": method, "status": "ok", "note": ""}
+    keep_step = keep_step and method not in COMPILED_METHODS and method != "compile_budget0"
     model = runner = None
     try:
         with _method_context(method), _time_limit(compile_timeout if method == "compile_budget0" or method in COMPILED_METHODS else None,
@@ -236,7 +245,7 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
             model = spec.build(config, dtype, device, seed)
             runner, note = _prepare_or_unavailable(method, model, batch, spec)
             row["note"] = note
-            _measure_runner(runner, batch, device, repeats, seed, row)
+            _measure_runner(runner, batch, device, 0 if keep_step else repeats, seed, row)
     except Unavailable as e:
         row["status"] = f"unavailable: {e}"
     except Exception as e:  # a method must not take the whole benchmark down
@@ -287,7 +296,10 @@ def _measure_runner(runner, batch: dict, device, repeats: int, seed: int, row: d
                retained_mib=mem.retained_bytes / MiB)
     _zero_grads(params)
     row["saved_mib"] = _saved_mib(runner, batch, device, seed)
-    row["step_s"] = median_step_time(timed_step, warmup=0, repeats=repeats, device=device)
+    if repeats:
+        row["step_s"] = median_step_time(timed_step, warmup=0, repeats=repeats, device=device)
+    else:  # timed by the caller, in turn with the other methods
+        row["step"] = timed_step
 
 
 def _warm_up(step, params, seed: int, row: dict) -> None:
@@ -379,7 +391,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
                   device="cpu", methods=None, repeats: int = 3, out: str | os.PathLike | None = None, *,
                   vocab: int = 30522, seed: int = SEED, compile_timeout: float | None = 600.0,
                   progress: bool = True, arch: str = "bert", heads: int | None = None, kv_heads: int | None = None,
-                  intermediate: int | None = None) -> list[dict]:
+                  intermediate: int | None = None, alternate: bool = True) -> list[dict]:
     """Run every method at every (depth, seq); return one dict per measurement.
 
     arch "bert" or "llama" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
@@ -405,7 +417,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
                         "seq": seq, "batch": batch, "dtype": str(torch_dtype).replace("torch.", ""),
                         "device": str(torch.device(device))}
                 rows += _measure_group(spec, base, methods, torch_dtype, torch.device(device), repeats,
-                                       compile_timeout, seed, log, t_start)
+                                       compile_timeout, seed, log, t_start, alternate)
     finally:
         log[2]()
     add_ratios(rows)
@@ -415,8 +427,9 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
 
 
 def _measure_group(spec: BenchModel, base: dict, methods, dtype, device, repeats, compile_timeout, seed, log,
-                   t_start) -> list[dict]:
-    """The rows of every method at one (depth, seq): one model config and one batch shared by all."""
+                   t_start, alternate: bool = True) -> list[dict]:
+    """The rows of every method at one (depth, seq): one model config and one batch shared by all.
+    With `alternate`, the step times are taken in turn (A B C A B C ...) after every memory measurement."""
     write, advance, _ = log
     depth, seq = base["depth"], base["seq"]
     config = spec.config(depth, seq)
@@ -426,16 +439,32 @@ def _measure_group(spec: BenchModel, base: dict, methods, dtype, device, repeats
         t0 = time.perf_counter()
         row = dict(base)
         row.update(measure_method(method, config, inputs, dtype, device, repeats, compile_timeout=compile_timeout,
-                                  seed=seed, spec=spec))
+                                  seed=seed, spec=spec, keep_step=alternate))
         row["elapsed_s"] = time.perf_counter() - t0
         rows.append(row)
-        what = (f"{row['activation_mib']:.2f} MiB, {row['step_s']:.3f} s/step" if row["status"] == "ok"
-                else row["status"][:120])
+        timed = f", {row['step_s']:.3f} s/step" if "step_s" in row else ""
+        what = f"{row['activation_mib']:.2f} MiB{timed}" if row["status"] == "ok" else row["status"][:120]
         write(f"[{time.perf_counter() - t_start:7.1f}s] depth={depth} seq={seq} {method:<20} "
               f"{row['elapsed_s']:6.1f}s  {what}")
         advance()
         gc.collect()
+    _time_in_turn(rows, repeats, device, write)
     return rows
+
+
+def _time_in_turn(rows: list[dict], repeats: int, device, write) -> None:
+    """Step times of the rows that left their step to the caller, the methods alternating round after round."""
+    steps = {r["method"]: r.pop("step") for r in rows if "step" in r}
+    if not steps:
+        return
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+    times = alternating_times({m: (lambda f=f: (f(), sync())) for m, f in steps.items()}, rounds=repeats, warmup=0)
+    for r in rows:
+        if r["method"] in times:
+            t = times[r["method"]]
+            r.update(step_s=statistics.median(t), step_s_min=min(t), step_s_max=max(t))
+    write(f"  step times, {len(steps)} methods in turn × {repeats}: " + ", ".join(
+        f"{m} {statistics.median(t):.3f} s" for m, t in times.items()))
 
 
 def _write_outputs(rows: list[dict], out) -> None:
@@ -543,6 +572,21 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _generate(args) -> list[dict]:
+    from .generation import format_generation, measure_generation
+
+    spec = BenchModel(args.arch, args.hidden, args.vocab, args.heads, args.kv_heads, args.intermediate)
+    rows = measure_generation(spec, args.depths[0], rounds=args.repeats, dtype=DTYPES[args.dtype],
+                              device=args.device, seed=args.seed)
+    text = format_generation(rows, spec.title)
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "generation.md"), "w") as f:
+            f.write(text)
+    sys.stdout.write(text)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bert", choices=ARCHS, help="bert (encoder classifier) or llama (decoder LM)")
@@ -567,13 +611,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="seconds before compile_budget0 is given up (0: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="directory for bench.md, bench.json and bench_memory.png")
+    p.add_argument("--no-alternate", dest="alternate", action="store_false",
+                   help="time each method right after its memory (one model alive at a time) instead of in turn")
+    p.add_argument("--generate", action="store_true",
+                   help="instead of training steps: generation tokens/s with the KV cache, converted vs unconverted "
+                        "(meft_fx.bench.generation; --arch llama, first of --depths; --out writes generation.md)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.generate:
+        return _generate(args)
     rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,
                          expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
                          compile_timeout=args.compile_timeout or None, arch=args.arch, heads=args.heads,
-                         kv_heads=args.kv_heads, intermediate=args.intermediate)
+                         kv_heads=args.kv_heads, intermediate=args.intermediate, alternate=args.alternate)
     sys.stdout.write(format_report(rows))
     return rows
 

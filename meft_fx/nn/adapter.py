@@ -31,7 +31,8 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor, *context) -> torch.Tensor:
         """`context` is accepted (and ignored) so an adapter can stand alone as F or G."""
-        return self.up(self.dropout(self.act(self.down(x))))
+        h = self.act(self.down(x))
+        return self.up(self.dropout(h) if self.training else h)
 
 
 class AdapterOnly(nn.Module):

@@ -26,11 +26,12 @@ import operator
 import torch.fx as fx
 from torch import nn
 
+from . import fixed_point as fxp
 from .chunks import run_in_chunks
 from .replay import record_rng, replay_vjp
 from .saved import add_grads, cast_grad, scale_grad
 
-__all__ = ["coupling_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
+__all__ = ["coupling_program", "inference_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "meft_pass"
 PROGRAMS = ("forward", "inverse", "backward")
@@ -170,6 +171,33 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
     note = (f"MEFT coupling {which}, {arith.name} streams, λ={coupling.lam:g} β={coupling.beta:g}"
             + (", swap" if coupling.swap else ""))
     return label_program(gm, "codegen", f"coupling/{which}", note)
+
+
+#: Fixed-point steps and their unchecked stand-ins (`inference_program(..., checked=False)`).
+_UNCHECKED = {fxp.quantize: fxp.quantize_unchecked, fxp.add_checked: operator.add}
+
+
+def inference_program(prog: fx.GraphModule, checked: bool = True) -> fx.GraphModule:
+    """A copy of a forward program for inference (generation, torch.export): no residues, since nothing
+    is rebuilt afterwards — each exact `shift_down(x, k)` is `x >> k`, the residue outputs None.
+    `checked=False` also quantizes and adds without overflow checks (the caller checks the stack's
+    output instead). The copy shares F and G with `prog`."""
+    g = fx.Graph()
+    g.output(g.graph_copy(prog.graph, {}))
+    for n in list(g.nodes):
+        if not checked and n.op == "call_function" and n.target in _UNCHECKED:
+            n.target, n.args = _UNCHECKED[n.target], n.args[:2]
+        if n.op == "call_function" and n.target is fxp.shift_down:
+            for use in list(n.users):
+                if use.args[1] == 0:
+                    with g.inserting_before(use):
+                        use.replace_all_uses_with(g.call_function(operator.rshift, tuple(n.args[:2])))
+                else:
+                    use.replace_all_uses_with(None)
+                g.erase_node(use)
+            g.erase_node(n)
+    g.lint()
+    return CouplingProgram(prog, g, class_name=type(prog).__name__ + "Inference")
 
 
 # ----------------------------------------------------------------------------- printable provenance

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_FRAC_BITS",
     "MAX_SHIFT",
     "quantize",
+    "quantize_unchecked",
     "dequantize",
     "shift_down",
     "shift_up",
@@ -143,6 +144,10 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     if work.dtype != torch.float64:
         work = work.to(torch.float32)
     limit = 2.0 ** (63 - frac_bits)
+    if torch.compiler.is_compiling():  # torch.export: the same check as an op of the exported program
+        torch._assert_async((work.abs() < limit).all(), f"quantize: values are NaN, infinite or overflow int64 with "
+                            f"frac_bits={frac_bits} (|x| < {limit:.6g} needed)")
+        return (work * (2.0 ** frac_bits)).round_().to(torch.int64)
     lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)  # NaN propagates
     if not (-limit <= lo and hi < limit):  # int64 holds [-2^63, 2^63)
         worst = max(abs(lo), abs(hi))
@@ -159,6 +164,14 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     scaled = work * (2.0 ** frac_bits)  # power-of-two scaling: exact
     scaled.round_()  # ties to even
     return scaled.to(torch.int64)
+
+
+def quantize_unchecked(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """`quantize` without its checks (for inference programs that check their output instead):
+    the same integers for finite values in range; NaN, inf and values out of range give int64's
+    minimum (a value no stream of real activations reaches)."""
+    work = x.detach() if x.dtype == torch.float64 else x.detach().to(torch.float32)
+    return (work * (2.0 ** frac_bits)).round_().to(torch.int64)
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -520,6 +533,9 @@ def add_checked(a: torch.Tensor, b: torch.Tensor, what: str = "a + b") -> torch.
         raise ValueError(f"{what}: the update has shape {tuple(b.shape)}, the stream it is added to "
                          f"{tuple(a.shape)}")
     s = a + b
+    if torch.compiler.is_compiling():  # torch.export: the overflow test as an op of the exported program
+        torch._assert_async(~((((a ^ s) & (b ^ s)) < 0).any()), f"{what}: int64 overflow in fixed point")
+        return s
     if a.numel():  # fast path: two reductions, no temporaries; bounds add exactly as Python ints
         (alo, ahi), (blo, bhi) = ((int(v) for v in torch.aminmax(t)) for t in (a, b))
         if -(1 << 63) <= alo + blo and ahi + bhi < (1 << 63):

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ReconstructionError
 from . import fixed_point as fxp
 from .arithmetic import exponent_of, make_arithmetic
+from .codegen import inference_program
 from .coupling import Coupling
 from .function import ReversibleFunction
 
@@ -124,14 +125,16 @@ class ReversibleStack(nn.Module):
             raise type(e)(f"{self.where(i)}: {e}") from None
 
     # ---------------------------------------------------------------------------- running
-    def run_programs(self, x, context):
-        """The forward programs alone, coupling after coupling (no Function; autograd sees what they do)."""
+    def run_programs(self, x, context, programs=None):
+        """The forward programs alone, coupling after coupling (no Function; autograd sees what they do).
+        `programs`: other forward programs to run in their place (generation's, with a KV cache)."""
         arith = self.arithmetic
         with self.errors_named(None):
             h1 = h2 = arith.encode(x)
         for i in range(len(self.couplings)):
+            prog = self.program(i, "forward", x.dtype) if programs is None else programs[i]
             with self.errors_named(i):
-                h1, h2, _, _ = self.program(i, "forward", x.dtype)(h1, h2, None, *context)
+                h1, h2, _, _ = prog(h1, h2, None, *context)
         return self.select(arith.decode(h1, x.dtype), arith.decode(h2, x.dtype))
 
     def _function_inputs(self, x, context):
@@ -144,6 +147,9 @@ class ReversibleStack(nn.Module):
         return None
 
     def forward(self, x, *context):
+        if torch.compiler.is_exporting():  # torch.export: an inference program (no residues)
+            return self.run_programs(x, context, [inference_program(self.program(i, "forward", x.dtype))
+                                                  for i in range(len(self.couplings))])
         if torch.compiler.is_dynamo_compiling():
             return _behind_graph_break(self, x, *context)
         params = self._function_inputs(x, context)

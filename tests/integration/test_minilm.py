@@ -42,6 +42,7 @@ def test_starting_point_and_trainable_fraction(minilm, method):
     assert 0 < n_train <= 0.03 * n_all
 
 
+@pytest.mark.slow
 def test_tokenizer_batches_of_every_shape_in_a_row(minilm):
     """One sentence, then two padded, then two unpadded (BERT then drops the mask): each call of the
     same structure is served, and matches the unconverted model where it should (issue 14, item 2)."""

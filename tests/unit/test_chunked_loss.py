@@ -73,6 +73,7 @@ def test_chunk_loss_refuses_a_model_without_a_vocabulary_head():
         meft_fx.chunk_loss(_decoder("llama"), chunk_bytes=0)
 
 
+@pytest.mark.slow
 def test_convert_chunks_the_head_by_default_and_changes_no_gradient():
     rev = meft_fx.convert(_decoder("llama"), meft_fx.MEFTConfig(loss_chunk_bytes=CHUNK)).train()
     assert STATE in rev.__dict__
@@ -100,6 +101,7 @@ def test_gradient_checkpointing_enable_on_a_converted_model_warns_and_claims_not
     assert plain.is_gradient_checkpointing
 
 
+@pytest.mark.slow
 def test_convert_chunks_a_head_inside_the_converted_program():
     torch.manual_seed(0)
     base = PreNormTransformer(vocab_size=VOCAB).double()

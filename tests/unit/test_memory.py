@@ -122,3 +122,13 @@ def test_median_step_time_counts_calls_and_returns_the_median():
     assert 0 <= m < 1
     with pytest.raises(ValueError):
         median_step_time(lambda: None, repeats=0)
+
+
+def test_alternating_times_runs_the_steps_in_turn():
+    from meft_fx.memory import alternating_times
+
+    order = []
+    times = alternating_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, warmup=1)
+    assert order == ["a", "b"] * 4 and {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        alternating_times({"a": lambda: None}, rounds=0)

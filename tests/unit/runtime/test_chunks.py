@@ -40,6 +40,7 @@ def _grads(model, inputs):
     return torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", pytest.param("bert", marks=pytest.mark.slow)])
 def test_exact_gradients_with_chunked_ffns_equal_the_reference_bit_for_bit(name):
     arch = make(name, num_layers=3)
@@ -56,6 +57,7 @@ def test_exact_gradients_with_chunked_ffns_equal_the_reference_bit_for_bit(name)
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_chunk_bound_shrinks_the_backward_working_set():
     import transformers as tf
     cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=2048, num_hidden_layers=2,
