@@ -1,6 +1,6 @@
 """Fine-tune a decoder with meft_fx, generate before and after, save, load in a fresh process, generate again.
 
-    python examples/finetune_causal_lm.py [--steps 150] [--batch 8] [--seq 64] [--out meft_lm_adapters]
+    python examples/finetune_causal_lm.py [--steps 300] [--batch 8] [--seq 64] [--out meft_lm_adapters]
 
 No pretrained decoder ships offline here, so the model is a LlamaForCausalLM built from a config
 (hidden 128, 4 layers, 4 heads / 2 kv heads) under a fixed seed, with the tokenizer of
@@ -22,6 +22,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -65,7 +66,8 @@ def corpus_windows(tok, seq: int) -> torch.Tensor:
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == name:
                 texts.append(inspect.getdoc(obj) or "")
     tok.model_max_length = 10**9  # one long text, cut into windows below
-    ids = tok(" ".join(t.replace("\n", " ") for t in texts if t), add_special_tokens=False)["input_ids"]
+    prose = re.sub(r"[^A-Za-z0-9.,;:'()\- ]+", " ", " ".join(texts))  # code symbols (_, *, =, >>>) out
+    ids = tok(re.sub(r" +", " ", prose), add_special_tokens=False)["input_ids"]
     n = len(ids) // seq
     return torch.tensor(ids[: n * seq]).view(n, seq)
 
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     import meft_fx
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)

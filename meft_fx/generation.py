@@ -134,7 +134,10 @@ class CachePlan:
         """(container path, child names): the layers the stack replaced, all of one ModuleList, in order."""
         layers = list(dict.fromkeys(c.record.layer for c in self.stack.couplings))
         parents = {p.rpartition(".")[0] for p in layers}
-        if "" in layers or len(parents) != 1:
+        if "" in layers:
+            raise CacheUnsupported("the converted module is a single layer (a one-layer model: the layer itself "
+                                   "owns the stack)")
+        if len(parents) != 1:
             raise CacheUnsupported(f"the stack's layers {layers} are not the children of one module")
         parent = parents.pop()
         container = self.original.get_submodule(parent) if parent else self.original

@@ -66,6 +66,7 @@ def test_cached_generation_gives_the_uncached_tokens(name):
     rev = meft_fx.convert(_decoder(name)).eval()
     conv = _owner(rev)
     assert rev.generation_config.use_cache is True and conv.cache_plan.check_error <= 1e-4
+    assert "generate() with a KV cache: 2 layers" in str(meft_fx.explain(rev, estimate_memory=False))
     for ids, mask in (_prompts(1, 5), _prompts(4, 7, left_pad=(0, 3, 1, 6))):
         captured = conv.variants
         cached = _generate(rev, ids, mask)
