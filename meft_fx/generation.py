@@ -267,8 +267,8 @@ class CachePlan:
         with using_cache(cache):
             out = self.stack.run_programs(x, context, programs=self._programs(x.dtype))
         if self.stack.arithmetic.powers_of_two and not bool(out.abs().amax() < GENERATION_LIMIT):
-            raise fxp.FixedPointOverflow(f"{self.conv.owner or 'the model'}: the stack's output during generation is NaN, "
-                                     f"infinite or beyond ±{GENERATION_LIMIT:g} (a diverged F or G)")
+            raise fxp.FixedPointOverflow(f"{self.conv.owner or 'the model'}: the stack's output during generation is "
+                                         f"NaN, infinite or beyond ±{GENERATION_LIMIT:g} (a diverged F or G)")
         return out
 
     @staticmethod
@@ -279,10 +279,11 @@ class CachePlan:
 
     def _programs(self, dtype):
         """Every coupling's forward program with the cached attention blocks, for F/G dtype `dtype`."""
-        progs = self.programs.get(dtype)
+        arith, n_ctx = self.stack.arithmetic, self.stack.num_context
+        key = (dtype, arith.key, tuple((c.lam, c.beta, c.swap) for c in self.stack.couplings))
+        progs = self.programs.get(key)  # made again when the stack's numerics or scales change
         if progs is None:
-            arith, n_ctx = self.stack.arithmetic, self.stack.num_context
-            progs = self.programs[dtype] = [
+            progs = self.programs[key] = [
                 inference_program(coupling_program(types.SimpleNamespace(
                     F=F, G=G, chunks={}, lam=c.lam, beta=c.beta, swap=c.swap, f_context=c.f_context,
                     g_context=c.g_context), "forward", arith, n_ctx, dtype), checked=False)

@@ -49,7 +49,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("name", ["llama"])  # BERT: the bare-compile and mask tests below (test time)
 def test_compiled_matches_eager_across_lengths(name):
     arch = make(name, num_layers=1, hidden=32)  # one coupling: inductor compiles each F and G (test time)
     eager = meft_fx.convert(arch.model, FLOAT, example_inputs=arch.make_inputs(*SHAPES[0]))
@@ -114,5 +114,7 @@ def test_compile_outer_false_compiles_only_the_couplings():
     eager = meft_fx.convert(arch.model, example_inputs=inputs)
     model = meft_fx.compile(copy.deepcopy(eager), outer=False)
     assert meft_fx.compiled_couplings(model) and getattr(model, "_compiled_call_impl", None) is None
-    _assert_close(_grads(eager, inputs), _grads(model, inputs), "llama, couplings only")
+    eager.eval(), model.eval()  # a forward is enough to see the couplings compiled (gradients: tests above)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, eager(**inputs).logits, rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] > 0  # the couplings' graphs (outer model eager)

@@ -108,8 +108,11 @@ def assert_same_grads(g_rev, g_ref, tol):
 # Fast set: MEFT3 (the default) on every architecture but BART, MEFT1/2 on BERT; the slow set has the
 # other cases (BART alone takes ~20 s per method).
 FAST_METHOD_ARCHS = ("bert",)
+# BART (~25 s per method) runs MEFT3 only: its two stacks are the encoder/decoder case, MEFT1/2 are
+# covered on the nine other architectures (test time).
 PAIRS = [(name, method) if (method == "meft3" and name != "bart") or name in FAST_METHOD_ARCHS else
-         pytest.param(name, method, marks=pytest.mark.slow) for method in METHODS for name in ARCHITECTURES]
+         pytest.param(name, method, marks=pytest.mark.slow) for method in METHODS for name in ARCHITECTURES
+         if name != "bart" or method == "meft3"]
 
 
 @pytest.mark.parametrize("name,method", PAIRS)
