@@ -7,7 +7,6 @@ the HF Trainer) is unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -15,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import chunked_loss, generation
-from .capture import CallSpec, capture, is_transformers_model, normalize_inputs, serves
+from .capture import CallSpec, capture, is_transformers_model, module_mode, normalize_inputs, serves
 from .compilation import compile_like
 from .config import MEFTConfig
 from .errors import ConversionError
@@ -31,7 +30,7 @@ def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, ada
     The module is traced in train mode (dropout stays in the graph); `gm.meft_programs` holds the
     pipeline's snapshots. `adapters` is the registry shared by every capture of the module.
     """
-    with _train_mode(module):
+    with module_mode(module, True):
         gm, spec = capture(module, args, kwargs, config.capture)
     sizes = gm.meta.get("static_sizes", ())
     result = run_pipeline(gm, config, adapters, progress=progress)
@@ -113,10 +112,9 @@ class ConvertedModule(nn.Module):
         """How calls with a KV cache run (`meft_fx.generation.CachePlan`), made on first use;
         CacheUnsupported (with the reason) when they cannot."""
         if self._cache_plan is None:
-            from .generation import CachePlan, CacheUnsupported
             if self._example is None:
-                raise CacheUnsupported("converted without a recorded example call")
-            self.__dict__["_cache_plan"] = CachePlan(self, self._example)
+                raise generation.CacheUnsupported("converted without a recorded example call")
+            self.__dict__["_cache_plan"] = generation.CachePlan(self, self._example)
         return self._cache_plan
 
     def __reduce_ex__(self, protocol):
@@ -153,16 +151,6 @@ class ConvertedModule(nn.Module):
         compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
         self._variants.setdefault(key, []).append(gm)
         return gm
-
-
-@contextlib.contextmanager
-def _train_mode(module: nn.Module):
-    mode = module.training
-    module.train()
-    try:
-        yield
-    finally:
-        module.train(mode)
 
 
 def _record_calls(model: nn.Module, paths, args, kwargs) -> dict:
@@ -236,7 +224,7 @@ def _freeze(model: nn.Module, config: MEFTConfig, trainable_before: set, saved: 
 def _find_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> tuple[list, list]:
     """(owner module paths, rejection reasons): the smallest modules that hold a stack ("" = the model)."""
     progress(f"capturing {type(target).__name__}")
-    with _train_mode(target):
+    with module_mode(target, True):
         full, _ = capture(target, args, kwargs, config.capture)
     analysis = run_pipeline(full, until="group_layers", progress=progress).analysis
     if not analysis.stacks:

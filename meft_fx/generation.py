@@ -23,7 +23,6 @@ the masks and positions from the model's own code keeps them right for every cac
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 import warnings
@@ -33,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .capture import CallSpec
+from .capture import CallSpec, module_mode
 from .nn.cached_attention import using_cache
 from .passes.fx.ops import is_attention
 from .passes.fx.provenance import module_paths
@@ -154,7 +153,8 @@ class CachePlan:
             lambda m, a, k, i=i: calls.__setitem__(i, (a, k)), with_kwargs=True) for i, p in enumerate(self.paths)]
         interp = fx.Interpreter(self.conv.graph_module, garbage_collect_values=False)
         try:
-            with _eval(self.original), _eval(self.conv.graph_module), torch.no_grad(), torch.random.fork_rng():
+            with module_mode(self.original, False), module_mode(self.conv.graph_module, False), torch.no_grad(), \
+                    torch.random.fork_rng():
                 self.original(*args, **kwargs)
                 interp.run(*CallSpec.flatten(args, kwargs)[0])
         finally:
@@ -219,7 +219,7 @@ class CachePlan:
         """A cached call of the example must give what the captured graph gives."""
         args, kwargs = example
         kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}
-        with _eval(self.conv), _eval(self.original), torch.no_grad(), torch.random.fork_rng():
+        with module_mode(self.conv, False), module_mode(self.original, False), torch.no_grad(), torch.random.fork_rng():
             ref = _first_tensor(gm(*CallSpec.flatten(*example)[0]))
             try:
                 got = _first_tensor(self.call(args, {**kwargs, "use_cache": True}))
@@ -315,12 +315,3 @@ def _symbols(x: fx.Node) -> dict:
     shape = x.meta["val"].shape
     return {s.node.expr: d for d, s in enumerate(shape) if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol}
 
-
-@contextlib.contextmanager
-def _eval(module: nn.Module):
-    mode = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(mode)

@@ -6,6 +6,6 @@
 """
 from .call_spec import CallSpec
 from .inputs import default_inputs, is_transformers_model, normalize_inputs
-from .tracing import capture, serves
+from .tracing import capture, module_mode, serves
 
-__all__ = ["CallSpec", "capture", "default_inputs", "is_transformers_model", "normalize_inputs", "serves"]
+__all__ = ["CallSpec", "capture", "default_inputs", "is_transformers_model", "module_mode", "normalize_inputs", "serves"]

@@ -1,6 +1,7 @@
 """Capture: turn a module and example inputs into a GraphModule (torch.export or torch.fx)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import traceback
@@ -12,6 +13,19 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError
 from .call_spec import CallSpec
+
+
+@contextlib.contextmanager
+def module_mode(module: torch.nn.Module, training: bool):
+    """Within the block `module` and every submodule is in train (`training`) or eval mode; each gets
+    its own mode back afterwards (torch.export bakes the mode into the graph, so tracing needs it)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _dynamic_spec(x):

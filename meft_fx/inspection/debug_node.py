@@ -9,7 +9,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..capture import capture, normalize_inputs
+from ..capture import capture, module_mode, normalize_inputs
 from ..passes import find_residual_units, group_layers, run_pipeline
 from ..passes.fx.dataflow import data_dag, output_node, region
 from ..passes.fx.ops import is_add
@@ -53,12 +53,8 @@ def _analysis_graphs(model: nn.Module, example_inputs=None) -> list:
         gm = model
     else:
         args, kwargs = normalize_inputs(model, example_inputs)
-        mode = model.training
-        model.train()
-        try:
+        with module_mode(model, True):
             gm, _ = capture(model, args, kwargs)
-        finally:
-            model.train(mode)
     gm = run_pipeline(gm, until="dropout_to_modules").gm
     return [(f"{type(model).__name__} (whole model, captured now)", gm, None)]
 

@@ -21,12 +21,12 @@ example inputs the model was captured with.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..capture import module_mode
 from ..chunked_loss import STATE
 from ..nn.adapter import Adapter
 from ..nn.head_loss import ChunkedHeadLoss
@@ -294,17 +294,6 @@ def probe_inputs(module: nn.Module, stack_path: str):
     raise ValueError(f"no call of {child} in the graph")
 
 
-@contextlib.contextmanager
-def _train_mode(mod: nn.Module):
-    modes = [(m, m.training) for m in mod.modules()]
-    mod.train()
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
 def _saved_bytes(fn, exclude: set) -> int:
     """Bytes of distinct tensor storages autograd saves while running `fn` (minus `exclude`)."""
     seen = {}
@@ -341,7 +330,7 @@ def measure_activation_bytes(stack: ReversibleStack, x: torch.Tensor, context: t
     dim = x.shape[-1]
     n = max(1, len(stack.couplings))
     exclude = _storage_keys([*stack.parameters(), *stack.buffers(), *context])
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), _train_mode(stack), torch.enable_grad():
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), module_mode(stack, True), torch.enable_grad():
         h1 = h2 = x
         for c, info in zip(stack.couplings, infos):
             a = h1.detach().requires_grad_(True)
