@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 from .nn.head_loss import DEFAULT_CHUNK_BYTES
@@ -49,6 +49,9 @@ METHODS = {
     "meft3": MethodSpec(F="attention", G="ffn", lam=0.1, beta=0.1, swap=False, attention_adapter=True,
                         pretrained="G"),
 }
+#: method="auto" (the default): MEFT3, or AUTO_PARALLEL for a model with parallel-residual layers.
+AUTO = "auto"
+AUTO_PARALLEL = "meft1"
 NUMERICS = tuple(ARITHMETICS)
 CAPTURES = ("auto", "export", "fx")
 OUTPUTS = ("pretrained", "mean")
@@ -86,8 +89,12 @@ class MEFTConfig:
 
     Fields:
         method: "meft1" (F = whole pretrained layer + adapter, G = adapter, streams swap),
-            "meft2" (F = adapter, G = whole pretrained layer + adapter, streams swap) or
-            "meft3" (F = attention sub-block + adapter, G = FFN sub-block + adapter, no swap).
+            "meft2" (F = adapter, G = whole pretrained layer + adapter, streams swap),
+            "meft3" (F = attention sub-block + adapter, G = FFN sub-block + adapter, no swap), or
+            "auto" (default): MEFT3, except for a model with parallel-residual layers
+            (x + attn(x) + mlp(x): GPT-J, GPT-NeoX, Falcon), which have no separate sub-blocks for
+            MEFT3's F and G, so MEFT1 (the whole layer as F). The converted model's `meft_config`
+            holds the method used. method="meft3" on such a model is a ConversionError.
         lam: scale λ on stream 1 (h1_n = λ·h1_{n-1} + F(h2_{n-1})). None = the default for `method`:
             the paper's value with float numerics, 2^-EXACT_DEFAULT_K (or 1) with exact numerics.
             With exact numerics it must be a power of two 2^-k.
@@ -145,7 +152,7 @@ class MEFTConfig:
             so far too), so quick conversions stay silent; True: always; False: never.
     """
 
-    method: str = "meft3"
+    method: str = AUTO
     lam: Optional[float] = None
     beta: Optional[float] = None
     adapter_rank: int = 8
@@ -173,7 +180,7 @@ class MEFTConfig:
 
         Raises ValueError naming the field, its value and what is allowed.
         """
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, (AUTO, *METHODS))
         _choice("numerics", self.numerics, NUMERICS)
         _choice("capture", self.capture, CAPTURES)
         _choice("output", self.output, OUTPUTS)
@@ -215,8 +222,32 @@ class MEFTConfig:
 
     @property
     def spec(self) -> MethodSpec:
-        """The row of the method table for `method`."""
+        """The row of the method table for `method` (ValueError for "auto": `resolved` chooses it)."""
+        if self.method == AUTO:
+            raise ValueError("MEFTConfig.method='auto' is chosen per model by convert (MEFT3, or MEFT1 for "
+                             "parallel-residual layers); the converted model's meft_config holds the method used. "
+                             "Set method='meft1'|'meft2'|'meft3' to ask for one")
         return METHODS[self.method]
+
+    def resolved(self, parallel_layers=()) -> "MEFTConfig":
+        """This config with method "auto" replaced by the method for a model whose parallel-residual
+        layers (module names) are `parallel_layers`: MEFT3 when there are none, else AUTO_PARALLEL.
+
+        ConversionError when method="meft3" was asked for and there are some.
+        """
+        if parallel_layers and self.method == "meft3":
+            from .errors import ConversionError
+
+            raise ConversionError(
+                f"method='meft3' needs separate attention and FFN sub-blocks (x = x + attn(x), then x = x + ffn(x)), "
+                f"but {', '.join(parallel_layers[:3])}{' ...' if len(parallel_layers) > 3 else ''} "
+                f"{'is a parallel-residual layer' if len(parallel_layers) == 1 else 'are parallel-residual layers'} "
+                f"(x + attn(x) + ffn(x)): both branches read the layer's input, while MEFT3's G reads F's output, so "
+                f"splitting them would change what the pretrained layer computes. Use method='meft1' or 'meft2' (the "
+                f"whole layer as F or G), or method='auto'")
+        if self.method != AUTO:
+            return self
+        return replace(self, method=AUTO_PARALLEL if parallel_layers else "meft3")
 
     @property
     def scales(self) -> tuple[float, float, bool]:

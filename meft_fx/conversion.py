@@ -25,7 +25,9 @@ from .runtime import ReversibleStack
 
 
 def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, adapters: dict, progress, what: str):
-    """(rewritten GraphModule, CallSpec, analysis) of `module(*args, **kwargs)`; ConversionError if no stack.
+    """(rewritten GraphModule, CallSpec, config) of `module(*args, **kwargs)`; ConversionError if no stack.
+
+    The config returned is the one the passes used: `config` with method "auto" resolved for this module.
 
     The module is traced in train mode (dropout stays in the graph); `gm.meft_programs` holds the
     pipeline's snapshots. `adapters` is the registry shared by every capture of the module.
@@ -39,7 +41,7 @@ def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, ada
         raise ConversionError(f"{what}: no transformer layer to rewrite when capturing {spec.describe()} (looked "
                               f"for residual sub-blocks x + f(x), grouped as attention + FFN)", result.analysis.rejected)
     result.gm.meft_programs = result.programs
-    return result.gm, spec, result.analysis
+    return result.gm, spec, result.config
 
 
 class ConvertedModule(nn.Module):
@@ -250,8 +252,10 @@ def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progres
         a, k = calls[owner] if owner else (args, kwargs)
         progress(f"capturing {owner or type(module).__name__} ({type(module).__name__})")
         adapters: dict = {}
-        gm, spec, _ = capture_and_rewrite(module, a, k, config, adapters, progress, owner or type(module).__name__)
-        conv = ConvertedModule(module, gm, spec, config, adapters, rejected, owner, example=(a, k))
+        gm, spec, used = capture_and_rewrite(module, a, k, config, adapters, progress, owner or type(module).__name__)
+        if used.method != config.method:
+            progress(f"method 'auto': {used.method}" + (" (parallel-residual layers)" if used.method != "meft3" else ""))
+        conv = ConvertedModule(module, gm, spec, used, adapters, rejected, owner, example=(a, k))
         if owner:
             _set_submodule(target, owner, conv)
         else:
@@ -361,7 +365,8 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     if generate_cached and callable(getattr(out, "can_generate", None)) and out.can_generate():
         gen_cfg.use_cache = _plan_caches(out, progress)
     _freeze(out, config, trainable_before, saved)
-    out.meft_config = config
+    used = {m.config.method: m.config for m in out.modules() if isinstance(m, ConvertedModule)}
+    out.meft_config = next(iter(used.values())) if len(used) == 1 else config
     out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)
     out.train(was_training)
     n_train, n_all = trainable_parameters(out)

@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import CallSpec, module_mode
 from .nn.cached_attention import using_cache
-from .passes.fx.ops import is_attention
+from .passes.fx.ops import attention_nodes
 from .passes.fx.provenance import module_paths
 from .passes.transforms.cache_attention import cache_attention
 from .runtime import ReversibleStack
@@ -208,7 +208,7 @@ class CachePlan:
         layer = self.paths.index(coupling.record.layer)
         out = []
         for block in (coupling.F, coupling.G):
-            has = isinstance(block, fx.GraphModule) and any(is_attention(block, n) for n in block.graph.nodes)
+            has = isinstance(block, fx.GraphModule) and bool(attention_nodes(block))
             try:
                 out.append(cache_attention(block, layer) if has else block)
             except ValueError as e:

@@ -3,7 +3,7 @@
     transforms.hoist_shape_queries  → sizes are read from graph inputs
     transforms.dropout_to_modules   → dropout obeys train()/eval()
     analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
-    analysis.group_layers           → attention unit(s) + FFN unit = one layer
+    analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
     transforms.insert_adapters      → paper adapters in every layer
     transforms.build_couplings      → each stack becomes one ReversibleStack call
     transforms.chunk_head_loss      → a vocabulary head + cross-entropy in the program runs in chunks
@@ -14,7 +14,7 @@
 from .analysis.find_residual_units import find_residual_units
 from .analysis.group_layers import group_layers
 from .analysis.records import Layer, ResidualUnit, Stack, StreamAnalysis
-from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, run_pipeline, snapshot
+from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, parallel_layers, run_pipeline, snapshot
 from .transforms.build_couplings import build_couplings
 from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
@@ -24,5 +24,5 @@ from .transforms.insert_adapters import insert_adapters
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
     "run_pipeline", "snapshot", "hoist_shape_queries", "dropout_to_modules", "find_residual_units", "group_layers",
-    "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses",
+    "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

@@ -24,7 +24,8 @@ from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
 
-__all__ = ["Pass", "PIPELINE", "PASS_NAMES", "PipelineState", "PipelineResult", "run_pipeline", "snapshot"]
+__all__ = ["Pass", "PIPELINE", "PASS_NAMES", "PipelineState", "PipelineResult", "run_pipeline", "snapshot",
+           "parallel_layers"]
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PipelineResult:
     gm: fx.GraphModule
     analysis: StreamAnalysis | None
     programs: OrderedDict
+    config: object = None   # the config the transforms used (method "auto" resolved for this model)
 
 
 def snapshot(gm: fx.GraphModule, made_by: str) -> fx.GraphModule:
@@ -104,6 +106,8 @@ def run_pipeline(gm: fx.GraphModule, config=None, adapters: dict | None = None, 
         out = p.run(gm, state)
         if p.kind == "analysis":
             state.analysis = out
+            if p.name == "group_layers" and state.config is not None:
+                state.config = state.config.resolved(parallel_layers(out))
         else:
             gm = out
             gm.graph.lint()
@@ -111,4 +115,10 @@ def run_pipeline(gm: fx.GraphModule, config=None, adapters: dict | None = None, 
             programs[p.name] = snapshot(gm, p.name)
         if p.name == until or (p.kind == "analysis" and not out.stacks):
             break
-    return PipelineResult(gm, state.analysis, programs)
+    return PipelineResult(gm, state.analysis, programs, state.config)
+
+
+def parallel_layers(analysis: StreamAnalysis) -> list:
+    """Module names of the parallel-residual layers (x + attn(x) + ffn(x)) of the analysis' stacks."""
+    return [layer.module or layer.start for st in analysis.stacks for layer in st.layers
+            if any(u.kind == "parallel" for u in layer.units)]

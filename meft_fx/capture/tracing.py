@@ -63,7 +63,23 @@ class _FlatCall(torch.nn.Module):
 
     def call(self, *tensors):
         args, kwargs = self.spec.unflatten(tensors)
-        return self.mod(*args, **kwargs)
+        return last_state_only(self.mod(*args, **kwargs), kwargs)
+
+
+def last_state_only(out, kwargs: dict):
+    """`out` without per-layer states: a module its model calls with output_hidden_states=True
+    (DeBERTa's encoder, which then reads only the last entry) returns `hidden_states` with every entry
+    but the last None, and `attentions` all None. A reversible stack keeps no layer's state, and a
+    graph returning them could not be made reversible; a user's own per-layer request is refused
+    earlier, by name (`conversion.refuse_per_layer_outputs`)."""
+    if not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")) or not hasattr(out, "keys"):
+        return out
+    states, attentions = out.get("hidden_states"), out.get("attentions")
+    if isinstance(states, (tuple, list)) and states:
+        out["hidden_states"] = (None,) * (len(states) - 1) + (states[-1],)
+    if isinstance(attentions, (tuple, list)):
+        out["attentions"] = (None,) * len(attentions)
+    return out
 
 
 def _flat_module(module, spec: CallSpec) -> torch.nn.Module:
@@ -118,10 +134,15 @@ def capture(module: torch.nn.Module, args: tuple, kwargs: dict, mode: str = "aut
             where = _culprit(e)
             tried.append(f"{'torch.export.export(strict=False)' if how == 'export' else 'torch.fx.symbolic_trace'} failed: "
                          f"{type(e).__name__}: {head[:400]}" + (f"\n    at {where}" if where else ""))
+    experts = getattr(getattr(module, "config", None), "_experts_implementation", None) == "eager"
     raise CaptureError(
-        f"[capture] could not trace {type(module).__name__}{spec.describe()}. What to try: pass example_inputs= that the model's "
-        f"forward accepts (keyword dict or positional tuple); avoid Python control flow that depends on tensor values; "
-        f"for a transformers decoder set use_cache=False; or choose MEFTConfig(capture='export'|'fx') to see one tracer's error",
+        f"[capture] could not trace {type(module).__name__}{spec.describe()}. What to try: "
+        + ("its mixture-of-experts layers use the 'eager' experts, a Python loop over the experts the batch hits "
+           "(data-dependent): load the model with experts_implementation='grouped_mm' (fp32/bf16) or 'batched_mm'; "
+           if experts else "")
+        + "pass example_inputs= that the model's "
+        "forward accepts (keyword dict or positional tuple); avoid Python control flow that depends on tensor values; "
+        "for a transformers decoder set use_cache=False; or choose MEFTConfig(capture='export'|'fx') to see one tracer's error",
         tried)
 
 

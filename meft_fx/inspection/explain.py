@@ -83,6 +83,13 @@ class Explanation:
         vals = [c.activation_bytes_saved_per_token for c in self.couplings]
         return None if not vals or any(v is None for v in vals) else float(sum(vals))
 
+    def _call_label(self, c) -> str:
+        """The coupling's layer; "(call i/n)" added for a layer its stack calls n times (ALBERT's shared layer)."""
+        calls = [o for o in self.couplings if o.stack == c.stack and o.layer == c.layer]
+        if len(calls) < 2:
+            return c.layer or "?"
+        return f"{c.layer} (call {calls.index(c) + 1}/{len(calls)})"
+
     def __str__(self) -> str:
         def blocks(bs, layer):
             out = []
@@ -100,7 +107,7 @@ class Explanation:
                  f"numerics {'/'.join(numerics) or '?'}"]
         rows = [("#", "layer", "F", "G", "λ", "β", "swap", "saved/token")]
         for c in self.couplings:
-            rows.append((str(c.index), c.layer or "?", blocks(c.F, c.layer), blocks(c.G, c.layer), f"{c.lam:g}", f"{c.beta:g}",
+            rows.append((str(c.index), self._call_label(c), blocks(c.F, c.layer), blocks(c.G, c.layer), f"{c.lam:g}", f"{c.beta:g}",
                          "yes" if c.swap else "no", format_bytes(c.activation_bytes_saved_per_token)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for j, r in enumerate(rows):

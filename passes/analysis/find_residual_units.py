@@ -13,7 +13,7 @@ import networkx as nx
 import torch.fx as fx
 
 from ..fx.dataflow import data_dag, output_node, region, tensor_shape, topo
-from ..fx.ops import is_add, is_attention
+from ..fx.ops import INPLACE_ADD_TARGETS, attention_nodes, is_add, is_random, is_shape_only
 from ..fx.provenance import common_module, describe, module_parts
 from .records import ResidualUnit, Stack, StreamAnalysis
 
@@ -33,7 +33,7 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
     ipdom = nx.immediate_dominators(dag.reverse(copy=False), out)
     rejected: list[str] = []
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    units, fanouts, examples = _candidate_units(gm, dag, out, ipdom, order, rejected)
+    units, fanouts, examples = _candidate_units(gm, dag, out, ipdom, order, rejected, attention_nodes(gm))
     if not units:
         rejected.append(_no_residual_reason(fanouts, examples))
         return StreamAnalysis(stacks=[], rejected=rejected)
@@ -44,7 +44,7 @@ def find_residual_units(gm: fx.GraphModule) -> StreamAnalysis:
 
 # ----------------------------------------------------------------------------- candidate units
 
-def _candidate_units(gm, dag, out, ipdom, order, rejected) -> tuple[list, int, list]:
+def _candidate_units(gm, dag, out, ipdom, order, rejected, mixing) -> tuple[list, int, list]:
     """(residual units, number of fan-outs, a few reconvergence notes) over every fan-out of the DAG."""
     units: list[ResidualUnit] = []
     fanouts = 0
@@ -56,7 +56,7 @@ def _candidate_units(gm, dag, out, ipdom, order, rejected) -> tuple[list, int, l
         e = ipdom.get(s)
         if len(examples) < 3:
             examples.append(_reconvergence_note(s, e, out))
-        unit = _unit_at(gm, dag, s, e, out, rejected)
+        unit = _unit_at(gm, dag, s, e, out, rejected, mixing)
         if unit is not None:
             units.append(unit)
     return units, fanouts, examples
@@ -68,24 +68,56 @@ def _reconvergence_note(s, e, out) -> str:
                                           f"{e.name}{'' if is_add(e) else ' (not an add)'}")
 
 
-def _unit_at(gm, dag, s, e, out, rejected) -> ResidualUnit | None:
-    """The residual unit entered at `s` and closed by its post-dominator `e`, or None when there is none."""
-    if e is None or e is s or e is out:
+def _unit_at(gm, dag, s, e, out, rejected, mixing) -> ResidualUnit | None:
+    """The residual unit entered at `s` and closed by its post-dominator `e`, or None when there is none.
+
+    `e` adds `s` to a branch computed from it: `s + b`, or `(s + a) + b` (a parallel layer written
+    x + attn(x) + mlp(x)). Its kind: "attention" when the branch mixes positions (a node of `mixing`),
+    "ffn" when it is position-wise, "parallel" when it is a sum of both, each computed from `s`.
+    """
+    if e is None or e is s or e is out or not is_add(e):
         return None
-    if not is_add(e):
+    operands = list(e.args[:2])
+    holds_s = [a is s or (isinstance(a, fx.Node) and is_add(a) and s in _sum_terms(gm, dag, s, a)) for a in operands]
+    if holds_s.count(True) != 1:
         return None
-    operands = [a for a in e.args[:2]]
-    if s not in operands:
-        return None
-    other = operands[1] if operands[0] is s else operands[0]
+    other = operands[holds_s.index(False)]
     if not isinstance(other, fx.Node) or other not in dag or not nx.has_path(dag, s, other):
         rejected.append(f"[{PASS}] {describe(e)}: adds {s.name} to a value that does not depend on it (not a residual)")
         return None
     body = region(dag, s, e)
-    kind = "attention" if any(is_attention(gm, n) for n in body) else "ffn"
+    terms = [t for t in _sum_terms(gm, dag, s, e) if t is not s]
+    parallel = _position_wise_term(dag, s, terms, mixing)
+    kind = "parallel" if parallel is not None else "attention" if body & mixing else "ffn"
     module = common_module(body - {e})
     return ResidualUnit(start=s.name, add=e.name, end=e.name, branch_out=other.name, kind=kind,
-                        module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module))
+                        module=module, size=len(body), parts=module_parts(topo(gm, body - {e}), module),
+                        position_wise=parallel.name if parallel is not None else "")
+
+
+def _sum_terms(gm, dag, s, node) -> list:
+    """The terms `node` sums, through adds of two values computed from `s` (or `s` itself) and through
+    dropout/reshapes of such a sum (Falcon: dropout(mlp_out += attn_out))."""
+    terms, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        parts = [a for a in n.all_input_nodes if a in dag and nx.has_path(dag, s, a)] if n is not s else []
+        if (is_add(n) or n.target in INPLACE_ADD_TARGETS) and len(parts) == 2:
+            todo.extend(parts)
+        elif n is not node and len(parts) == 1 and (is_shape_only(n) or is_random(gm, n)):
+            todo.extend(parts)
+        else:
+            terms.append(n)
+    return terms
+
+
+def _position_wise_term(dag, s, terms, mixing):
+    """Among a branch's terms computed from `s` (a parallel layer's attn(x) and mlp(x)), one that does
+    not mix positions, when another does; else None (a plain attention or FFN branch)."""
+    mixes = {t: bool(region(dag, s, t) & mixing) for t in terms}
+    if len(terms) < 2 or all(mixes.values()) or not any(mixes.values()):
+        return None
+    return next(t for t in terms if not mixes[t])
 
 
 def _no_residual_reason(fanouts: int, examples: list) -> str:

@@ -1,12 +1,11 @@
-"""Group each stack's residual units into transformer layers: attention unit(s) then one FFN unit.
+"""Group each stack's residual units into transformer layers: attention unit(s) then one FFN unit,
+or one parallel unit (x + attn(x) + ffn(x), GPT-J / GPT-NeoX / Falcon style).
 
 A layer is the unit of a reversible coupling. Units that do not complete a layer (an FFN with no
 attention before it, attention at the end of a stack) are left out, with the reason; a stack is
 cut into contiguous runs of complete layers.
 """
 from __future__ import annotations
-
-from collections import Counter
 
 from .records import Layer, Stack, StreamAnalysis
 
@@ -19,6 +18,12 @@ def group_layers(analysis: StreamAnalysis) -> StreamAnalysis:
     for stack in analysis.stacks:
         runs, layers, pending = [], [], []
         for u in stack.units:
+            if u.kind == "parallel":  # a whole layer; attention units before it complete no layer
+                if pending:
+                    rejected.extend(_no_ffn(v) for v in pending)
+                    runs, layers, pending = runs + [layers] if layers else runs, [], []
+                layers.append(Layer(units=[u]))
+                continue
             if u.kind == "attention":
                 pending.append(u)
                 continue
@@ -30,11 +35,9 @@ def group_layers(analysis: StreamAnalysis) -> StreamAnalysis:
                 continue
             layers.append(Layer(units=pending + [u]))
             pending = []
-        for u in pending:
-            rejected.append(f"attention block {u.module or u.add} is not followed by an FFN block; not rewritten")
+        rejected.extend(_no_ffn(u) for u in pending)
         if layers:
             runs.append(layers)
-        rejected.extend(_shared_layer_notes(stack))
         if not runs:
             rejected.append(f"stack in {stack.owner or 'the model'} ({len(stack.units)} residual blocks) has no complete layer")
         for r in runs:
@@ -43,9 +46,5 @@ def group_layers(analysis: StreamAnalysis) -> StreamAnalysis:
     return StreamAnalysis(stacks=out, rejected=rejected)
 
 
-def _shared_layer_notes(stack: Stack) -> list:
-    """Why a stack of one module called several times (shared weights, ALBERT-style) saves little."""
-    calls = Counter(u.module for u in stack.units if u.module and u.kind == "ffn")
-    return [f"[{PASS}] {m} is one module called {n} times (shared weights, ALBERT-style): each call becomes its own "
-            f"depth-1 reversible stack, which keeps every call's input; converting the whole depth as one stack is "
-            f"not supported yet" for m, n in calls.items() if n > 1]
+def _no_ffn(u) -> str:
+    return f"attention block {u.module or u.add} is not followed by an FFN block; not rewritten"

@@ -15,11 +15,12 @@ class ResidualUnit:
     add: str             # the residual add
     end: str             # stream node leaving the unit (the add, or a trailing post-norm)
     branch_out: str      # the add's operand that is not the skip
-    kind: str            # "attention" (mixes positions) or "ffn" (position-wise)
+    kind: str            # "attention" (mixes positions), "ffn" (position-wise) or "parallel" (x + attn(x) + ffn(x))
     module: str          # source module path shared by the branch's nodes ("" when unknown)
     size: int = 0        # number of nodes in the unit
     parts: tuple = ()    # child modules of `module` the branch runs through, in order
     entry: str = ""      # stream state entering the unit (start, or a node before a reshape to start)
+    position_wise: str = ""  # "parallel" units: the branch's position-wise term (the FFN's output)
 
     def label(self, within: str = "") -> str:
         """`module`, spelled out with its parts when it is the whole layer `within` (pre-norm blocks)."""

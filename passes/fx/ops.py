@@ -25,11 +25,7 @@ def _targets(*names: str) -> set:
 
 
 ADD_TARGETS = _targets("add") | {operator.add, torch.add, operator.iadd}
-ATTENTION_TARGETS = _targets(
-    "scaled_dot_product_attention", "_softmax", "softmax", "_safe_softmax",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
-) | {torch.softmax, Fn.softmax, Fn.scaled_dot_product_attention}
+INPLACE_ADD_TARGETS = _targets("add_")
 LINEAR_TARGETS = _targets("linear", "addmm", "mm", "matmul", "bmm") | {Fn.linear, torch.matmul, torch.mm, torch.addmm, operator.matmul}
 SHAPE_ONLY_TARGETS = _targets("view", "reshape", "_unsafe_view", "flatten", "contiguous", "clone", "alias") | {torch.reshape, torch.flatten}
 DROPOUT_TARGETS = _targets("dropout", "feature_dropout", "alpha_dropout") | {Fn.dropout}
@@ -50,14 +46,87 @@ def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_TARGETS) or (node.op == "call_method" and node.target in ("add", "__add__"))
 
 
+FUSED_ATTENTION_TARGETS = _targets(
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
+) | {Fn.scaled_dot_product_attention}
+SOFTMAX_TARGETS = _targets("_softmax", "softmax", "_safe_softmax") | {torch.softmax, Fn.softmax}
+#: products whose two operands may both be activations (q·kᵀ, probabilities·v)
+PRODUCT_TARGETS = _targets("matmul", "bmm", "baddbmm", "mm", "einsum") | {torch.matmul, torch.bmm, torch.einsum,
+                                                                           operator.matmul}
+#: how far back from a softmax to look for the product of two activations that made its scores
+SCORE_DEPTH = 16
+
+
+def attention_nodes(gm: fx.GraphModule) -> set:
+    """The nodes of `gm` that mix information across positions (tokens), i.e. attention.
+
+    A fused attention op (SDPA and friends, `nn.MultiheadAttention`, meft_fx's AttentionWithDropout),
+    or a softmax over scores that are a product of two activations (q·kᵀ): a softmax over a linear
+    map of one activation (a mixture-of-experts router: `softmax(x @ W_router)`) is position-wise,
+    as are the routed experts, so a routed FFN is an FFN. An activation is a value computed from a
+    graph input; parameters, buffers and constants are not.
+    """
+    activations = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in activations for a in n.all_input_nodes):
+            activations.add(n)
+    out = set()
+    for n in gm.graph.nodes:
+        if _is_fused_attention(gm, n) or (_is_softmax(gm, n) and _scores_are_a_product(gm, n, activations)):
+            out.add(n)
+    return out
+
+
 def is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that mix information across positions: softmax over keys or fused attention."""
+    """Does `node` mix positions (see `attention_nodes`)? For many nodes, call `attention_nodes` once."""
+    return node in attention_nodes(gm)
+
+
+def _is_fused_attention(gm, node) -> bool:
     if node.op == "call_function":
-        return node.target in ATTENTION_TARGETS
+        return node.target in FUSED_ATTENTION_TARGETS
+    mod = _module(gm, node)
+    return isinstance(mod, torch.nn.MultiheadAttention) or type(mod).__name__ == "AttentionWithDropout"
+
+
+def _is_softmax(gm, node) -> bool:
+    if node.op == "call_function":
+        return node.target in SOFTMAX_TARGETS
     if node.op == "call_method":
         return node.target == "softmax"
-    mod = _module(gm, node)
-    return isinstance(mod, (torch.nn.Softmax, torch.nn.MultiheadAttention)) or type(mod).__name__ == "AttentionWithDropout"
+    return isinstance(_module(gm, node), torch.nn.Softmax)
+
+
+def _scores_are_a_product(gm, softmax: fx.Node, activations: set) -> bool:
+    """Do the scores under `softmax` come from a product of two activations (q·kᵀ)? Walks back at most
+    SCORE_DEPTH nodes, not through a linear map of one activation (a projection: a router's logits, or
+    the previous block's output projection)."""
+    seen, frontier = set(), list(softmax.all_input_nodes)
+    while frontier and len(seen) < SCORE_DEPTH:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_product(gm, n) and sum(o in activations for o in _operands(n)) >= 2:
+            return True
+        if not (is_linear(gm, n) or _is_product(gm, n)):
+            frontier.extend(n.all_input_nodes)
+    return False
+
+
+def _is_product(gm, node) -> bool:
+    if node.op == "call_function":
+        return node.target in PRODUCT_TARGETS
+    return node.op == "call_method" and node.target in ("matmul", "__matmul__", "bmm")
+
+
+def _operands(node) -> list:
+    """The tensor operands of a product node (einsum's come as a list after the equation)."""
+    args = [a for a in node.args if not isinstance(a, str)]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return [a for a in args if isinstance(a, fx.Node)]
 
 
 def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

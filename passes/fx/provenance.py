@@ -27,36 +27,44 @@ def replace_node(gm: fx.GraphModule, old: fx.Node, op: str, target, args: tuple,
 
 def module_paths(node: fx.Node) -> list:
     """Source module paths of a node, outermost first (from torch.export's nn_module_stack)."""
+    return [path for path, _ in _module_calls(node)]
+
+
+def _module_calls(node: fx.Node) -> list:
+    """(path, call) per source module of a node, outermost first; `call` tells apart the calls of one
+    module (torch.export keys a module's second call "...@1"), so two calls of a shared layer differ."""
     stack = node.meta.get("nn_module_stack") or {}
     out = []
-    for v in stack.values():
+    for key, v in stack.items():
         path = v[0] if isinstance(v, tuple) else v
         if isinstance(path, str):
             # meft_fx.capture calls the traced module through a wrapper whose child is `mod`.
             if path == "mod" or path == "":
                 continue
-            out.append(path[4:] if path.startswith("mod.") else path)
+            call = str(key).rpartition("@")[2] if "@" in str(key) else "0"
+            out.append((path[4:] if path.startswith("mod.") else path, call))
     if not out and node.op == "call_module":
         parts = str(node.target).split(".")
-        out = [".".join(parts[: i + 1]) for i in range(len(parts) - 1)]
+        out = [(".".join(parts[: i + 1]), "0") for i in range(len(parts) - 1)]
     return out
 
 
 def common_module(nodes: Iterable[fx.Node]) -> str:
-    """Deepest source module path shared by all the nodes ("" = the root module)."""
+    """Deepest source module path shared by all the nodes, within one call of it ("" = the root module):
+    nodes of two calls of one shared layer have the module that makes both calls in common."""
     common = None
     for n in nodes:
-        paths = module_paths(n)
-        if not paths and n.op not in ("call_module",):
+        calls = _module_calls(n)
+        if not calls and n.op not in ("call_module",):
             continue
         if common is None:
-            common = paths
+            common = calls
         else:
             k = 0
-            while k < min(len(common), len(paths)) and common[k] == paths[k]:
+            while k < min(len(common), len(calls)) and common[k] == calls[k]:
                 k += 1
             common = common[:k]
-    return common[-1] if common else ""
+    return common[-1][0] if common else ""
 
 
 def module_parts(nodes: Iterable[fx.Node], module: str) -> tuple:

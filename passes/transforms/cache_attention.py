@@ -15,7 +15,7 @@ import torch.fx as fx
 from meft_fx.nn.attention import AttentionWithDropout
 from meft_fx.nn.cached_attention import cached_attention
 
-from ..fx.ops import is_attention
+from ..fx.ops import attention_nodes
 from ..fx.provenance import replace_node
 
 PASS = "cache_attention"
@@ -42,7 +42,8 @@ def cache_attention(block: fx.GraphModule, layer: int) -> fx.GraphModule:
     gm = fx.GraphModule(block, _copied(block.graph), class_name=type(block).__name__ + "Cached")
     found = [(n, _bound(gm, n)) for n in gm.graph.nodes]
     sdpa = [(n, b) for n, b in found if b is not None]
-    other = [n for n, b in found if b is None and is_attention(gm, n)]
+    mixing = attention_nodes(gm)
+    other = [n for n, b in found if b is None and n in mixing]
     if len(sdpa) != 1 or other:
         what = ", ".join(n.format_node() for n in [s for s, _ in sdpa] + other) or "none"
         raise ValueError(f"layer {layer}: a KV cache needs exactly one scaled_dot_product_attention per attention "

@@ -1,7 +1,7 @@
 """Every layer carries the paper's adapters: parallel to the FFN, and (MEFT3) after attention.
 
 Parallel adapter: the FFN branch b becomes b + A(u), u being the FFN's input (the activation that
-feeds its first projection). Sequential adapter (MEFT3 only, per attention block): the attention
+feeds its first projection); in a parallel-residual layer (x + attn(x) + ffn(x)) b is the sum of both terms. Sequential adapter (MEFT3 only, per attention block): the attention
 branch b becomes b + A(b), just before the residual add. New nodes are stamped with this pass.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def insert_adapters(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
                 for ai, u in enumerate(layer.attention):
                     b = nodes[u.branch_out]
                     plans.append((f"{ADAPTER_PREFIX}_{tag}{li}_attn{ai}", b, b, nodes[u.add]))
-            u = layer.ffn
-            src = _ffn_input(gm, dag, nodes[u.start], nodes[u.branch_out])
+            u = layer.ffn  # a parallel layer's adapter reads its FFN term's input, adds to the whole branch
+            src = _ffn_input(gm, dag, nodes[u.start], nodes[u.position_wise or u.branch_out])
             plans.append((f"{ADAPTER_PREFIX}_{tag}{li}_ffn", src, nodes[u.branch_out], nodes[u.add]))
     for name, src, b, add in plans:
         _add_adapter(gm, config, name, src, b, add, registry)

@@ -39,6 +39,14 @@ from torch import nn
 ARCHITECTURES = ["bert", "roberta", "gpt2", "llama", "opt", "t5_encoder", "vit", "bart",
                  "prenorm_custom", "postnorm_custom"]
 
+#: Architectures whose layers have another shape (issue 15): parallel residual (GPT-NeoX, GPT-J, Falcon),
+#: routed experts (Mixtral; float64 needs its "batched_mm" experts, grouped_mm takes fp32/bf16 only),
+#: relative-position attention (DeBERTa-v2), one layer called N times (ALBERT). Tested in test_breadth.
+MORE_ARCHITECTURES = ["gpt_neox", "gptj", "falcon", "mixtral", "deberta_v2", "albert"]
+#: what each of them is, for the README / messages
+LAYER_KINDS = {"gpt_neox": "parallel", "gptj": "parallel", "falcon": "parallel", "mixtral": "moe",
+               "deberta_v2": "relative", "albert": "shared"}
+
 VOCAB = 100
 MAX_POSITIONS = 128
 NUM_LABELS = 3
@@ -249,15 +257,57 @@ def _hf(name, num_layers, hidden):
                             bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
                             **common)
         return tf.BartForConditionalGeneration(cfg), 1, None
-    raise ValueError(f"unknown architecture {name!r}; known: {ARCHITECTURES}")
+    return _hf_more(tf, name, num_layers, hidden, heads, inter, p, common)
+
+
+def _hf_more(tf, name, num_layers, hidden, heads, inter, p, common):
+    """The MORE_ARCHITECTURES models: (model, pad id, labels kind)."""
+    decoder = dict(max_position_embeddings=MAX_POSITIONS, use_cache=False, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0, **common)
+    if name == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                               intermediate_size=inter, use_parallel_residual=True, attention_dropout=p,
+                               hidden_dropout=p, **decoder)
+        return tf.GPTNeoXForCausalLM(cfg), 0, "lm"
+    if name == "gptj":
+        decoder["n_positions"] = decoder.pop("max_position_embeddings")
+        cfg = tf.GPTJConfig(n_embd=hidden, n_layer=num_layers, n_head=heads, n_inner=inter, rotary_dim=4,
+                            resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, **decoder)
+        return tf.GPTJForCausalLM(cfg), 0, "lm"
+    if name == "falcon":
+        cfg = tf.FalconConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                              parallel_attn=True, new_decoder_architecture=False, attention_dropout=p,
+                              hidden_dropout=p, **decoder)
+        return tf.FalconForCausalLM(cfg), 0, "lm"
+    if name == "mixtral":
+        cfg = tf.MixtralConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                               num_key_value_heads=2, intermediate_size=inter, num_local_experts=4,
+                               num_experts_per_tok=2, attention_dropout=p, experts_implementation="batched_mm",
+                               **decoder)
+        return tf.MixtralForCausalLM(cfg), 0, "lm"
+    if name == "deberta_v2":
+        cfg = tf.DebertaV2Config(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                                 intermediate_size=inter, hidden_dropout_prob=p, attention_probs_dropout_prob=p,
+                                 max_position_embeddings=MAX_POSITIONS, relative_attention=True, position_buckets=16,
+                                 pos_att_type=["p2c", "c2p"], num_labels=NUM_LABELS, pad_token_id=0,
+                                 # without a problem type its loss branches on the labels' values (nonzero)
+                                 problem_type="single_label_classification", vocab_size=VOCAB)
+        return tf.DebertaV2ForSequenceClassification(cfg), 0, "cls"
+    if name == "albert":
+        cfg = tf.AlbertConfig(hidden_size=hidden, embedding_size=16, num_hidden_layers=num_layers,
+                              num_attention_heads=heads, intermediate_size=inter, hidden_dropout_prob=p,
+                              attention_probs_dropout_prob=p, max_position_embeddings=MAX_POSITIONS,
+                              num_labels=NUM_LABELS, pad_token_id=0, **common)
+        return tf.AlbertForSequenceClassification(cfg), 0, "cls"
+    raise ValueError(f"unknown architecture {name!r}; known: {ARCHITECTURES + MORE_ARCHITECTURES}")
 
 
 # ----------------------------------------------------------------------------- make
 
 def make(name: str, *, dtype=torch.float32, num_layers: int = 2, hidden: int = 32, seed: int = 0) -> Arch:
     """A fresh tiny random `name` model (train mode, `dtype`) with its input factory."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {ARCHITECTURES}")
+    if name not in ARCHITECTURES + MORE_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {ARCHITECTURES + MORE_ARCHITECTURES}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "prenorm_custom":

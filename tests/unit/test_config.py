@@ -4,7 +4,7 @@ from meft_fx import MEFTConfig
 
 
 def test_defaults_and_paper_scales():
-    assert MEFTConfig().method == "meft3"
+    assert MEFTConfig().method == "auto"
     assert MEFTConfig().numerics == "exact"
     assert MEFTConfig(method="meft1", numerics="float").scales == (0.1, 1.0, True)
     assert MEFTConfig(method="meft2", numerics="float").scales == (1.0, 0.1, True)
@@ -65,3 +65,15 @@ def test_a_config_changed_in_place_is_caught_by_validate():
     cfg.lam, cfg.adapter_init_std = None, float("inf")
     with pytest.raises(ValueError, match="MEFTConfig.adapter_init_std=inf"):
         cfg.validate()
+
+
+def test_method_auto_is_chosen_per_model():
+    from meft_fx import ConversionError
+
+    cfg = MEFTConfig()
+    with pytest.raises(ValueError, match="chosen per model by convert"):
+        cfg.spec
+    assert cfg.resolved().method == "meft3" and cfg.resolved(["h.0"]).method == "meft1"
+    assert MEFTConfig(method="meft2").resolved(["h.0"]).method == "meft2"
+    with pytest.raises(ConversionError, match="h.0 is a parallel-residual layer.*'meft1' or 'meft2'"):
+        MEFTConfig(method="meft3").resolved(["h.0"])

@@ -1,6 +1,5 @@
 """convert() end to end: every architecture × MEFT1/2/3, gradients against reversible=False."""
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -8,69 +7,13 @@ from torch import nn
 
 import meft_fx
 from untraceable import Untraceable
+from grads import assert_same_grads, convert_pair, grads_of, loss_of, ran_reversible, reference_twin
 from architectures import ARCHITECTURES, make
 from meft_fx import ConversionError, MEFTConfig
 from meft_fx.conversion import ConvertedModule
 from meft_fx.runtime import ReversibleStack
 
 METHODS = ["meft1", "meft2", "meft3"]
-
-
-def loss_of(out):
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
-        loss = out.get("loss")
-    if loss is not None:
-        return loss
-    t = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
-    weights = torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape)
-    return (t * weights).sum()
-
-
-def grads_of(model, inputs, seed=1234):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = model(**inputs)
-    loss_of(out).backward()
-    return out, {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def autograd_nodes(t):
-    """Names of the autograd nodes behind tensor t."""
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        names.add(type(f).__name__)
-        todo.extend(g for g, _ in f.next_functions)
-    return names
-
-
-def ran_reversible(t) -> bool:
-    """Did the reversible runtime (float or exact autograd.Function) produce t?"""
-    return "ReversibleFunctionBackward" in autograd_nodes(t)
-
-
-def reference_twin(rev):
-    """A copy of a converted model whose stacks run with ordinary autograd (what reversible=False builds)."""
-    ref = copy.deepcopy(rev)
-    for conv in ref.modules():
-        if not isinstance(conv, ConvertedModule):
-            continue
-        conv.config = dataclasses.replace(conv.config, reversible=False)  # later call structures too
-        for gm in conv.graph_modules:
-            for m in gm.modules():
-                if isinstance(m, ReversibleStack):
-                    m.reversible = False
-    return ref
-
-
-def convert_pair(model, method, example_inputs=None, **kw):
-    torch.manual_seed(7)
-    rev = meft_fx.convert(model, MEFTConfig(method=method, reversible=True, **kw), example_inputs=example_inputs)
-    return rev, reference_twin(rev)
 
 
 @pytest.mark.slow
@@ -87,22 +30,6 @@ def test_reversible_false_config_builds_the_same_network():
     out_ref, g_ref = grads_of(ref, inputs)
     # the reversible stack is one autograd node; the reference records every op
     assert_same_grads(g_rev, g_ref, 0)  # exact numerics (the default): bit-identical
-
-
-def assert_same_grads(g_rev, g_ref, tol):
-    assert g_rev.keys() == g_ref.keys() and g_rev
-    worst, with_grad = 0.0, 0
-    for name in g_ref:
-        a, b = g_rev[name], g_ref[name]
-        assert (a is None) == (b is None), name
-        if b is None:
-            continue
-        with_grad += 1
-        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-        assert err <= tol, f"{name}: relative error {err:.3g}"
-        worst = max(worst, err)
-    assert with_grad == len(g_ref)  # every trainable parameter reaches the output
-    return worst
 
 
 # Fast set: MEFT3 (the default) on every architecture but BART, MEFT1/2 on BERT; the slow set has the
@@ -310,16 +237,6 @@ def test_torch_save_points_to_save_adapters(bert_rev, tmp_path):
     with pytest.raises(TypeError, match="meft_fx.save_adapters"):
         torch.save(rev, tmp_path / "model.pt")
     copy.deepcopy(rev)  # deep copies still work
-
-
-def test_shared_layers_are_reported_in_unmatched():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    rev = meft_fx.convert(transformers.AlbertModel(cfg))
-    rep = meft_fx.explain(rev, estimate_memory=False)
-    assert any("called 3 times" in u and "ALBERT" in u for u in rep.unmatched), rep.unmatched
 
 
 def test_convert_validates_a_config_changed_in_place_and_rank_against_the_hidden_size():

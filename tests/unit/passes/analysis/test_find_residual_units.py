@@ -80,3 +80,63 @@ def test_residual_without_attention_is_found_but_has_no_layer():
     grouped = passes.group_layers(analysis)
     assert not grouped.stacks
     assert any("no attention block before it" in r for r in grouped.rejected)
+
+
+class _Attention(nn.Module):
+    """softmax(q kᵀ) v written out: a product of two activations makes the scores."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+class _Routed(nn.Module):
+    """A mixture-of-experts FFN: softmax over a router's linear map (position-wise), two experts."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.router = nn.Linear(d, 2, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d)) for _ in range(2))
+
+    def forward(self, x):
+        w = self.router(x).softmax(-1)
+        return sum(w[..., i:i + 1] * e(x) for i, e in enumerate(self.experts))
+
+
+class _Layers(nn.Module):
+    def __init__(self, parallel: bool, d=8):
+        super().__init__()
+        self.parallel = parallel
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(n1=nn.LayerNorm(d), attn=_Attention(d), n2=nn.LayerNorm(d),
+                                                       ffn=_Routed(d))) for _ in range(2))
+
+    def forward(self, x):
+        for m in self.layers:
+            if self.parallel:  # GPT-J / GPT-NeoX: x + attn(ln1 x) + ffn(ln2 x)
+                x = x + m["attn"](m["n1"](x)) + m["ffn"](m["n2"](x))
+            else:
+                x = x + m["attn"](m["n1"](x))
+                x = x + m["ffn"](m["n2"](x))
+        return x
+
+
+def test_a_router_softmax_is_position_wise_and_written_out_attention_is_not():
+    gm, _ = captured(_Layers(parallel=False), (torch.randn(2, 5, 8),))
+    analysis = passes.group_layers(passes.find_residual_units(gm))
+    assert [u.kind for u in analysis.stacks[0].units] == ["attention", "ffn"] * 2
+    assert len(analysis.stacks[0].layers) == 2
+
+
+def test_a_parallel_residual_layer_is_one_unit_with_its_ffn_term():
+    gm, _ = captured(_Layers(parallel=True), (torch.randn(2, 5, 8),))
+    analysis = passes.group_layers(passes.find_residual_units(gm))
+    units = analysis.stacks[0].units
+    assert [u.kind for u in units] == ["parallel"] * 2 and [len(l.units) for l in analysis.stacks[0].layers] == [1, 1]
+    assert len(passes.parallel_layers(analysis)) == 2  # (named by their first node: a ModuleDict is never called)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    ffn_term = nodes[units[0].position_wise]  # the routed FFN's output, not attention's
+    assert "ffn" in ffn_term.meta["nn_module_stack"][list(ffn_term.meta["nn_module_stack"])[-1]][0]

@@ -27,3 +27,10 @@ def test_incomplete_layers_split_the_stack_with_reasons():
     assert [len(s.layers) for s in out.stacks] == [1, 1]
     assert sum("no attention block before it" in r for r in out.rejected) == 2
     assert any("not followed by an FFN" in r for r in out.rejected)
+
+
+def test_a_parallel_unit_is_a_layer_and_attention_before_it_is_left_out():
+    out = group_layers(analysis(["parallel", "attention", "parallel", "parallel"]))
+    assert [[u.kind for u in l.units] for s in out.stacks for l in s.layers] == [["parallel"]] * 3
+    assert [len(s.layers) for s in out.stacks] == [1, 2]  # the stray attention unit cuts the stack
+    assert any("not followed by an FFN" in r for r in out.rejected)
