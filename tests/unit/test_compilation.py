@@ -49,26 +49,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", ["llama"])  # BERT: the bare-compile and mask tests below (test time)
-def test_compiled_matches_eager_across_lengths(name):
-    arch = make(name, num_layers=1, hidden=32)  # one coupling: inductor compiles each F and G (test time)
-    eager = meft_fx.convert(arch.model, FLOAT, example_inputs=arch.make_inputs(*SHAPES[0]))
-    compiled = meft_fx.compile(copy.deepcopy(eager))
-    assert meft_fx.compiled_couplings(compiled)
-    graphs = []
-    for batch, seq in SHAPES:
-        inputs = arch.make_inputs(batch, seq)
-        _assert_close(_grads(eager, inputs), _grads(compiled, inputs), f"{name} batch={batch} seq={seq}")
-        graphs.append(counters["stats"]["unique_graphs"])
-    # Second batch/length: no new graph anywhere (outer model, F and G inference/training graphs).
-    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
-    # Graph breaks: the stack (by design) and, in LLaMA, export's no_grad region around the rotary
-    # embedding (a wrap_with_set_grad_enabled HOP dynamo cannot trace); nothing else.
-    known = ("meft_fx reversible stack", "wrap_with_set_grad_enabled")
-    reasons = [r for r in counters["graph_break"] if not any(k in r for k in known)]
-    assert not reasons, reasons
-
-
 def test_replayed_masks_match_nonreversible_twin():
     """Inductor's own random numbers (masks differ from eager): the reversible backward still sees
     the masks its forward drew, so it matches the same compiled model run with reversible=False."""
@@ -86,9 +66,11 @@ def test_replayed_masks_match_nonreversible_twin():
 
 @pytest.mark.parametrize("numerics", ["exact"])  # the default; float runs the same path (test time)
 def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
-    """A plain `torch.compile(rev)`: the stack runs behind one graph break and its F/G get compiled
-    on the first compiled call (not traced into, not left eager), across two lengths."""
-    arch = make("bert", num_layers=2, hidden=32)
+    """A plain `torch.compile(rev)`: the stack runs behind one graph break and its F/G get compiled on
+    the first compiled call (not traced into, not left eager); a second batch size and length make no
+    new graph anywhere (outer model, F and G inference/training graphs). LLaMA's couplings compiled:
+    the outer=False test below (a LLaMA step under inductor takes 75 s here, BERT's 30: test time)."""
+    arch = make("bert", num_layers=1, hidden=32)  # one coupling: its F and G are compiled (test time)
     eager = meft_fx.convert(arch.model, meft_fx.MEFTConfig(numerics=numerics),
                             example_inputs=arch.make_inputs(*SHAPES[0]))
     model = copy.deepcopy(eager)
@@ -104,7 +86,7 @@ def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
     assert meft_fx.compiled_couplings(model)  # every stack's F and G, including later call structures
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
     assert any("meft_fx reversible stack" in r for r in counters["graph_break"]), dict(counters["graph_break"])
-    reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r]
+    reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r]  # nothing else
     assert not reasons, reasons
 
 

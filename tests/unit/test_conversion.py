@@ -32,14 +32,16 @@ def test_reversible_false_config_builds_the_same_network():
     assert_same_grads(g_rev, g_ref, 0)  # exact numerics (the default): bit-identical
 
 
-# Fast set: MEFT3 (the default) on every architecture but BART, MEFT1/2 on BERT; the slow set has the
-# other cases (BART alone takes ~20 s per method).
+# Fast set: MEFT3 on every architecture but BART, MEFT1/2 on BERT; the slow set has the other cases.
 FAST_METHOD_ARCHS = ("bert",)
-# BART (~25 s per method) runs MEFT3 only: its two stacks are the encoder/decoder case, MEFT1/2 are
-# covered on the nine other architectures (test time).
+# MEFT1/2 take the whole layer as F or G, the same cut whatever the layer holds: they run on BERT
+# (post-norm), LLaMA (pre-norm, rotary context), OPT (reshapes around the FFN), T5 (relative bias) and
+# the fx-traced pre-norm model here, and on the six architectures of test_more_architectures; BART
+# (~25 s per method) runs MEFT3 only (test time).
+WHOLE_LAYER_ARCHS = ("bert", "llama", "opt", "t5_encoder", "prenorm_custom")
 PAIRS = [(name, method) if (method == "meft3" and name != "bart") or name in FAST_METHOD_ARCHS else
          pytest.param(name, method, marks=pytest.mark.slow) for method in METHODS for name in ARCHITECTURES
-         if name != "bart" or method == "meft3"]
+         if method == "meft3" or name in WHOLE_LAYER_ARCHS]
 
 
 @pytest.mark.parametrize("name,method", PAIRS)

@@ -153,11 +153,11 @@ def max_rel_err(g_rev, g_ref):
 
 # ----------------------------------------------------------------------------- gradients at depth 24
 
-# MEFT1 and MEFT3 on LLaMA in bf16, MEFT3 (the default) on the other three (arch, dtype) pairs: each
-# arch and dtype is covered, in 5 cases of a few tens of seconds each instead of 12 (test time); MEFT2
-# differs from MEFT1 in which half holds the adapter alone; it is bit-exact at depth 2 on nine architectures.
-DEPTH_CASES = ([("llama", "bf16", m) for m in ("meft1", "meft3")]
-               + [("bert", "fp32", "meft3"), ("llama", "fp32", "meft3"), ("bert", "bf16", "meft3")])
+# MEFT1 and MEFT3 on LLaMA in bf16, MEFT3 on BERT in fp32: each arch and dtype is covered, in 3 cases of
+# a few tens of seconds each instead of 12 (test time; the real MiniLM's bf16 BERT is bit-exact below);
+# MEFT2 differs from MEFT1 in which half holds the adapter alone; it is bit-exact at depth 2 on eleven
+# architectures.
+DEPTH_CASES = [("llama", "bf16", m) for m in ("meft1", "meft3")] + [("bert", "fp32", "meft3")]
 
 
 @pytest.mark.slow
@@ -173,7 +173,7 @@ def test_exact_reversible_gradients_equal_reference_24_layers(kind, dtype, metho
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["llama"])  # (BERT alike: one more 24-layer conversion, test time)
 def test_float_numerics_misses_the_bar_at_24_layers_bf16(kind):
     """Why exact exists: the paper's float arithmetic (λ = β = 0.1) on the same 24-layer bf16 model."""
     with float_numerics(converted(kind, torch.bfloat16, "meft3")) as model:
