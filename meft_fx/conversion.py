@@ -8,6 +8,7 @@ the HF Trainer) is unchanged.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 import torch.fx as fx
@@ -223,8 +224,51 @@ def _freeze(model: nn.Module, config: MEFTConfig, trainable_before: set, saved: 
                 p.requires_grad_(True)
 
 
+#: Owners found per architecture (`_architecture_key`), most recent last: converting the same
+#: architecture again (another method, a fresh copy of the base model) skips the whole-model trace.
+_OWNERS: OrderedDict = OrderedDict()
+OWNERS_KEPT = 32
+
+
+def _architecture_key(target: nn.Module, args, kwargs, config: MEFTConfig):
+    """What the owners depend on: module tree (names, classes, plain attributes), parameter shapes and
+    dtypes, the transformers config, the call's structure and the capture mode. None when the config
+    cannot be read."""
+    cfg = getattr(target, "config", None)
+    try:
+        cfg_key = (cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else None,
+                   getattr(cfg, "_attn_implementation", None), getattr(cfg, "_experts_implementation", None))
+    except Exception:  # noqa: BLE001 - an exotic config: no caching, trace as always
+        return None
+    modules = tuple((n, type(m).__module__, type(m).__qualname__, _plain_attributes(m)) for n, m in target.named_modules())
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in target.named_parameters())
+    return modules, params, cfg_key, CallSpec.flatten(args, kwargs)[1], config.capture
+
+
+def _plain_attributes(m: nn.Module) -> tuple:
+    """A module's own flags and sizes (e.g. dropout p, a `causal` switch): they can change its forward."""
+    return tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                        and (v is None or isinstance(v, (bool, int, float, str)))))
+
+
 def _find_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> tuple[list, list]:
     """(owner module paths, rejection reasons): the smallest modules that hold a stack ("" = the model)."""
+    key = _architecture_key(target, args, kwargs, config)
+    if key is not None and key in _OWNERS:
+        _OWNERS.move_to_end(key)
+        owners, rejected, line = _OWNERS[key]
+        progress(line + " (this architecture was converted before: the whole-model trace is skipped)")
+        return list(owners), list(rejected)
+    owners, rejected, line = _trace_owners(target, args, kwargs, config, progress)
+    if key is not None:
+        _OWNERS[key] = (tuple(owners), tuple(rejected), line)
+        while len(_OWNERS) > OWNERS_KEPT:
+            _OWNERS.popitem(last=False)
+    return owners, rejected
+
+
+def _trace_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> tuple[list, list, str]:
+    """`_find_owners` by tracing the whole model; also the progress line that says what was found."""
     progress(f"capturing {type(target).__name__}")
     with module_mode(target, True):
         full, _ = capture(target, args, kwargs, config.capture)
@@ -235,9 +279,10 @@ def _find_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) 
     owners = list(dict.fromkeys(st.owner for st in analysis.stacks))
     # A module that contains another owner is rewritten as a whole.
     owners = [o for o in owners if not any(o != p and (p == "" or o.startswith(p + ".")) for p in owners)]
-    progress(f"found {sum(len(s.layers) for s in analysis.stacks)} layers in "
-             f"{', '.join(o or type(target).__name__ for o in owners)}")
-    return owners, analysis.rejected
+    line = (f"found {sum(len(s.layers) for s in analysis.stacks)} layers in "
+            f"{', '.join(o or type(target).__name__ for o in owners)}")
+    progress(line)
+    return owners, analysis.rejected, line
 
 
 def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progress) -> nn.Module:

@@ -32,14 +32,13 @@ def test_reversible_false_config_builds_the_same_network():
     assert_same_grads(g_rev, g_ref, 0)  # exact numerics (the default): bit-identical
 
 
-# Fast set: MEFT3 on every architecture but BART, MEFT1/2 on BERT; the slow set has the other cases.
-FAST_METHOD_ARCHS = ("bert",)
+# Fast set: MEFT3 on every architecture but BART, MEFT1 on BERT; the slow set has the other cases.
 # MEFT1/2 take the whole layer as F or G, the same cut whatever the layer holds: they run on BERT
 # (post-norm), LLaMA (pre-norm, rotary context), OPT (reshapes around the FFN), T5 (relative bias) and
 # the fx-traced pre-norm model here, and on the six architectures of test_more_architectures; BART
 # (~25 s per method) runs MEFT3 only (test time).
 WHOLE_LAYER_ARCHS = ("bert", "llama", "opt", "t5_encoder", "prenorm_custom")
-PAIRS = [(name, method) if (method == "meft3" and name != "bart") or name in FAST_METHOD_ARCHS else
+PAIRS = [(name, method) if (method == "meft3" and name != "bart") or (name, method) == ("bert", "meft1") else
          pytest.param(name, method, marks=pytest.mark.slow) for method in METHODS for name in ARCHITECTURES
          if method == "meft3" or name in WHOLE_LAYER_ARCHS]
 
@@ -187,7 +186,8 @@ def test_a_slice_of_a_real_batch_as_example_inputs_serves_later_calls():
     assert rev(**{k: v[1:2, ::2] for k, v in batch.items()}).logits.shape == (1, 12, 100)  # odd strides
 
 
-@pytest.mark.parametrize("example_shape", [(1, 16), pytest.param((3, 1), marks=pytest.mark.slow), (1, 1)],
+@pytest.mark.parametrize("example_shape", [pytest.param((1, 16), marks=pytest.mark.slow),
+                                           pytest.param((3, 1), marks=pytest.mark.slow), (1, 1)],
                          ids=["batch1", "seq1", "bos_only"])
 def test_size_one_examples_serve_every_later_size(example_shape):
     arch = make("llama")
@@ -294,3 +294,22 @@ def test_modules_to_save_trains_an_untied_lm_head_and_round_trips(tmp_path):
     back = meft_fx.from_pretrained(base, tmp_path).eval()
     assert back.meft_config.modules_to_save == ("lm_head",)
     assert torch.equal(back(input_ids=ids).logits, rev.eval()(input_ids=ids).logits)
+
+
+def test_a_second_conversion_of_the_same_architecture_skips_the_whole_model_trace(monkeypatch):
+    import meft_fx.conversion as conversion
+
+    traced = []
+    real = conversion._trace_owners
+    monkeypatch.setattr(conversion, "_trace_owners", lambda *a, **k: traced.append(1) or real(*a, **k))
+    monkeypatch.setattr(conversion, "_OWNERS", conversion.OrderedDict())
+    inputs = make("prenorm_custom").make_inputs(2, 5)
+    a = meft_fx.convert(make("prenorm_custom", seed=1).model, example_inputs=inputs)
+    b = meft_fx.convert(make("prenorm_custom", seed=2).model, MEFTConfig(method="meft1"), example_inputs=inputs)
+    assert len(traced) == 1  # same architecture and call structure: found once
+    assert meft_fx.explain(a, estimate_memory=False).unmatched == meft_fx.explain(b, estimate_memory=False).unmatched
+    meft_fx.convert(make("prenorm_custom", num_layers=3).model, example_inputs=inputs)  # another architecture
+    layers = make("prenorm_custom").model
+    layers.layers[0].causal = False  # a flag its forward reads
+    meft_fx.convert(layers, example_inputs=inputs)
+    assert len(traced) == 3
