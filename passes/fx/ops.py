@@ -78,11 +78,6 @@ def attention_nodes(gm: fx.GraphModule) -> set:
     return out
 
 
-def is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Does `node` mix positions (see `attention_nodes`)? For many nodes, call `attention_nodes` once."""
-    return node in attention_nodes(gm)
-
-
 def _is_fused_attention(gm, node) -> bool:
     if node.op == "call_function":
         return node.target in FUSED_ATTENTION_TARGETS
