@@ -1,6 +1,7 @@
 """The graph passes of meft_fx (installed as `meft_fx.passes`), in pipeline order.
 
     transforms.hoist_shape_queries  → sizes are read from graph inputs
+    transforms.unrepeat_kv          → grouped-query attention reads k/v heads unrepeated (enable_gqa)
     transforms.dropout_to_modules   → dropout obeys train()/eval()
     analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
     analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
@@ -20,9 +21,10 @@ from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
+from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
-    "run_pipeline", "snapshot", "hoist_shape_queries", "dropout_to_modules", "find_residual_units", "group_layers",
+    "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

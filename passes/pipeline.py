@@ -23,6 +23,7 @@ from .transforms.chunk_head_loss import chunk_head_loss
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
+from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = ["Pass", "PIPELINE", "PASS_NAMES", "PipelineState", "PipelineResult", "run_pipeline", "snapshot",
            "parallel_layers"]
@@ -49,6 +50,7 @@ class Pass:
 
 PIPELINE = [
     Pass("hoist_shape_queries", "transform", lambda gm, s: hoist_shape_queries(gm)),
+    Pass("unrepeat_kv", "transform", lambda gm, s: unrepeat_kv(gm)),
     Pass("dropout_to_modules", "transform", lambda gm, s: dropout_to_modules(gm)),
     Pass("find_residual_units", "analysis", lambda gm, s: find_residual_units(gm), "finding the residual stream"),
     Pass("group_layers", "analysis", lambda gm, s: group_layers(s.analysis)),

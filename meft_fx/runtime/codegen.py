@@ -2,9 +2,10 @@
 
     forward   (x1, x2, tape, *context) -> (y1, y2, r1, r2)             run by the stack's forward
     inverse   (y1, y2, r1, r2, *context) -> (x1, x2)                   rebuilds the inputs (by hand)
-    backward  (y1, y2, r1, r2, dy1, dy2, tape, *context) -> (x1, x2, dx1, dx2)
+    backward  (state, tape, *context) -> (x1, x2, dx1, dx2)              run by the stack's backward
+              state = [y1, y2, r1, r2, dy1, dy2], emptied as the program takes them (`take`), so
+              each is freed at its last use; the inverse with F and G called through `replay_vjp`
               (streams in stream order: a swapping coupling's programs take (y2, y1, ...))
-              the inverse with F and G called through `replay_vjp`     run by the stack's backward
 
 r1, r2 are the residues the arithmetic keeps (None for float streams); outputs are in stream
 order, swapped after the coupling for MEFT1/2. F and G are submodules of every program (the
@@ -29,7 +30,7 @@ from torch import nn
 from . import fixed_point as fxp
 from .chunks import run_in_chunks
 from .replay import record_rng, replay_vjp
-from .saved import add_grads, cast_grad, scale_grad
+from .saved import add_grads, cast_grad, scale_grad, take
 
 __all__ = ["coupling_program", "inference_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
 
@@ -55,6 +56,10 @@ class _Emitter:
 
     def inputs(self, *names):
         return [self.g.placeholder(n) for n in names]
+
+    def taken(self, state, names, start: int):
+        """Nodes `take(state, start + i)` named `names` (the values of a `state` list placeholder)."""
+        return [self.g.create_node("call_function", take, (state, start + i), name=n) for i, n in enumerate(names)]
 
     def context(self):
         self.ctx = [self.g.placeholder(f"ctx_{i}") for i in range(self.n_ctx)]
@@ -109,13 +114,12 @@ def _forward(e: _Emitter) -> None:
     g.output(((y2, y1) if c.swap else (y1, y2)) + (r1, r2))
 
 
-def _stream_inputs(e: _Emitter, a: str, b: str):
-    """Placeholders of the equations' values a, b, taken in stream order: after a swapping coupling
-    the streams (h1, h2) hold (b, a)."""
-    if e.c.swap:
-        nb, na = e.inputs(b, a)
-        return na, nb
-    return tuple(e.inputs(a, b))
+def _stream_inputs(e: _Emitter, a: str, b: str, state=None, start: int = 0):
+    """Placeholders (or, from a `state` list, `take` nodes) of the equations' values a, b, in stream
+    order: after a swapping coupling the streams (h1, h2) hold (b, a)."""
+    names = (b, a) if e.c.swap else (a, b)
+    nodes = e.inputs(*names) if state is None else e.taken(state, names, start)
+    return (nodes[1], nodes[0]) if e.c.swap else tuple(nodes)
 
 
 def _inverse(e: _Emitter) -> None:
@@ -131,11 +135,11 @@ def _inverse(e: _Emitter) -> None:
 def _backward(e: _Emitter) -> None:
     """The inverse, with F and G run through `replay_vjp` and the stream gradients alongside."""
     c, g = e.c, e.g
-    y1, y2 = _stream_inputs(e, "y1", "y2")
-    r1, r2 = e.inputs("r1", "r2")
-    dy1, dy2 = _stream_inputs(e, "dy1", "dy2")
-    (e.tape,) = e.inputs("tape")
+    state, e.tape = e.inputs("state", "tape")
     e.context()
+    y1, y2 = _stream_inputs(e, "y1", "y2", state, 0)
+    r1, r2 = e.taken(state, ("r1", "r2"), 2)
+    dy1, dy2 = _stream_inputs(e, "dy1", "dy2", state, 4)
     out_g, d_y1 = e.vjp("G", y1, dy2)
     x2 = e.restore(y2, out_g, r2, c.beta, "x2")
     dy1 = g.create_node("call_function", add_grads, (dy1, d_y1), name="dy1_total")

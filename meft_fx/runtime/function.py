@@ -7,6 +7,10 @@ fingerprint of its inputs; return the selected stream decoded.
 backward: from the top coupling down, run its generated backward program — the inverse fused with
 F's and G's VJPs — which rebuilds the coupling's inputs and their gradients; compare the rebuilt
 inputs with the fingerprint (`ReconstructionError` if F or G gave other bits in the recompute).
+What the forward kept is handed over as it is used (the top streams to the top coupling, each
+coupling's residues to its program, the program's inputs in a list it empties), so at coupling i
+only its own streams and gradients and the residues of couplings 0..i are alive. Hence one
+backward per forward: `retain_graph=True` and a second backward is an error.
 
 Its inputs are (stack, number of context values, x, *context, *trainable parameters): the
 parameters are inputs so that backward runs even when nothing upstream requires grad.
@@ -41,7 +45,8 @@ class ReversibleFunction(torch.autograd.Function):
                 h1, h2, r1, r2 = stack.program(i, "forward", x.dtype)(h1, h2, tape, *context)
             saved.append((tape, r1, r2, check))
         fctx.stack, fctx.saved, fctx.params, fctx.dtype = stack, saved, params, x.dtype
-        fctx.save_for_backward(h1, h2, *save_context(fctx, context))
+        fctx.top = [h1, h2]  # not save_for_backward: the backward frees them after the top coupling
+        fctx.save_for_backward(*save_context(fctx, context))
         return stack.select(arith.decode(h1, x.dtype), arith.decode(h2, x.dtype))
 
     @staticmethod
@@ -52,22 +57,33 @@ class ReversibleFunction(torch.autograd.Function):
                 "supported by a reversible stack: its backward recomputes F and G and returns first-order gradients "
                 "only, so the second-order graph would be silently wrong. Convert with MEFTConfig(reversible=False) "
                 "(ordinary autograd, same network) for double backward.")
+        if fctx.top is None:
+            raise RuntimeError(SECOND_BACKWARD)
         stack, dtype = fctx.stack, fctx.dtype
         arith = stack.arithmetic
-        h1, h2, *tctx = fctx.saved_tensors
-        context = restore_context(fctx, tctx)
+        (h1, h2), saved, fctx.top, fctx.saved = fctx.top, fctx.saved, None, None
+        context = restore_context(fctx, fctx.saved_tensors)
         grads = GradAccumulator()
         dh1, dh2 = output_grads(stack.out_index, d_out.to(arith.grad_dtype(dtype)))
         for i in reversed(range(len(stack.couplings))):
-            tape, r1, r2, check = fctx.saved[i]
+            tape, r1, r2, check = saved.pop()
             tape.grads = grads
+            state = [h1, h2, r1, r2, dh1, dh2]
+            h1 = h2 = r1 = r2 = dh1 = dh2 = None  # the program holds the only references (`saved.take`)
             with stack.errors_named(i, backward=True):
-                h1, h2, dh1, dh2 = stack.program(i, "backward", dtype)(h1, h2, r1, r2, dh1, dh2, tape, *context)
+                h1, h2, dh1, dh2 = stack.program(i, "backward", dtype)(state, tape, *context)
             got = arith.fingerprint(h1, h2)
             if got != check:
                 raise _mismatch(stack, i, got, check)
         dx = cast_grad(add_grads(dh1, dh2), dtype)
         return (None, None, dx, *[grads.get(c) for c in context], *[grads.get(p) for p in fctx.params])
+
+
+SECOND_BACKWARD = (
+    "meft_fx: backward through a reversible stack a second time (retain_graph=True): its backward frees what "
+    "the forward kept (the top streams, each coupling's residues) as it walks down, so there is nothing left to "
+    "rebuild from. Run the forward again for every backward, or convert with MEFTConfig(reversible=False) "
+    "(ordinary autograd) to keep the graph.")
 
 
 def _mismatch(stack, i: int, got, want) -> ReconstructionError:

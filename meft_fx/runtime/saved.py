@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["save_context", "restore_context", "GradAccumulator", "add_grads", "scale_grad", "cast_grad",
+__all__ = ["take", "save_context", "restore_context", "GradAccumulator", "add_grads", "scale_grad", "cast_grad",
            "output_grads"]
+
+
+def take(state: list, i: int):
+    """state[i], leaving None in its place. A program called with a list it empties holds the only
+    reference to each value, so the value is freed at its last use in the program (values passed
+    as arguments stay alive in the caller's frame until the call returns)."""
+    value, state[i] = state[i], None
+    return value
 
 
 def add_grads(a, b):

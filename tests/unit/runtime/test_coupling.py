@@ -1,4 +1,6 @@
 """The coupling math and the reversible runtime, on hand-made F and G (no graph capture)."""
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -125,6 +127,58 @@ def test_forward_keeps_no_autograd_graph_inside_the_stack():
     out = stack(x)
     # one node for the whole stack: the custom Function, whose inputs are x and the parameters
     assert type(out.grad_fn).__name__ == "ReversibleFunctionBackward"
+
+
+@pytest.mark.parametrize("numerics,method", [("exact", "meft3"), ("exact", "meft1"), ("float", "meft3")])
+def test_the_backward_frees_what_it_has_used(numerics, method):
+    """At coupling i of the backward only what coupling i needs is alive: the top streams are freed once
+    the top coupling is rebuilt, the residues of the couplings above i too, and a program frees the
+    stream it has restored before F's recompute (the caller holds no reference to its inputs)."""
+    lam, beta, swap = SCALES[method]
+    stack = make_stack(3, 8, (2.0 ** -4 if lam != 1 else 1.0, 2.0 ** -4 if beta != 1 else 1.0, swap), True)
+    stack.numerics = numerics
+    x = torch.randn(2, 5, 8, dtype=torch.double)
+    out = stack(x, torch.randn(2, 5, 8, dtype=torch.double))
+    top = [weakref.ref(t) for t in out.grad_fn.top]
+    residues = [[weakref.ref(r) for r in saved[1:3] if r is not None] for saved in out.grad_fn.saved]
+    assert all(residues) == (numerics == "exact")
+    seen, inputs = [], []
+
+    def before_program(i):
+        def hook(module, args):
+            alive = lambda refs: [r() is not None for r in refs]
+            seen.append((i, alive(top), [alive(rs) for rs in residues]))
+            inputs[:] = [weakref.ref(t) for t in args[0][:2]]
+        return hook
+
+    def before_f(module, args):
+        if inputs:  # F recomputed in the backward: one of the coupling's two input streams is freed already
+            seen.append(("F", sum(r() is not None for r in inputs)))
+
+    hooks = [stack.program(i, "backward", torch.double).register_forward_pre_hook(before_program(i)) for i in range(3)]
+    hooks += [c.F.register_forward_pre_hook(before_f) for c in stack.couplings]
+    loss = out.sum()
+    del out  # float streams: the stack's output is its top stream 2 itself
+    try:
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    programs = [s for s in seen if s[0] != "F"]
+    assert [s[0] for s in programs] == [2, 1, 0]
+    assert programs[0][1] == [True, True] and all(s[1] == [False, False] for s in programs[1:])
+    for i, _, res in programs:  # at coupling i the residues of couplings 0..i are alive, the others freed
+        assert [all(r) if r else True for r in res[:i + 1]] == [True] * (i + 1)
+        assert not any(any(r) for r in res[i + 1:])
+    assert [s[1] for s in seen if s[0] == "F"] == [1, 1, 1]
+
+
+def test_a_second_backward_says_why_it_cannot():
+    stack = make_stack(2, 8, SCALES["meft3"], True)
+    loss = stack(torch.randn(2, 3, 8, dtype=torch.double), torch.randn(2, 3, 8, dtype=torch.double)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"second time \(retain_graph=True\).*MEFTConfig\(reversible=False\)"):
+        loss.backward()
 
 
 def test_zero_scale_is_rejected():
