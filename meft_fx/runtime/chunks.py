@@ -31,8 +31,11 @@ class ChunkPlan:
     chunk_bytes: int
 
     def rows(self, x: torch.Tensor) -> int:
-        """Tokens per chunk for input `x` (all of them when they fit)."""
-        return fit(self.width, x.element_size(), self.chunk_bytes)
+        """Tokens per chunk for input `x` (all of them when they fit): as many chunks as the budget needs,
+        of equal size (a last chunk of a few tokens would run its matmuls at a fraction of the speed)."""
+        tokens, most = x.numel() // max(1, x.shape[-1]), fit(self.width, x.element_size(), self.chunk_bytes)
+        chunks = -(-tokens // most)
+        return -(-tokens // chunks) if chunks else most
 
     def __repr__(self) -> str:  # printed in the generated programs
         return f"ChunkPlan(width={self.width}, chunk_bytes={self.chunk_bytes})"
