@@ -37,9 +37,9 @@ class AttentionWithDropout(torch.nn.Module):
     """`scaled_dot_product_attention` whose attention dropout is on only in training mode.
 
     In training mode with dropout it runs `chunked_attention` (SDPA's math with `keep_mask`
-    dropout, without keeping the (batch, heads, L, S) tensors for the backward); under
-    torch.compile the same math unchunked (so compiled and eager draw the same masks with
-    `fallback_random`); in eval mode or with a mask that needs a gradient it calls
+    dropout, without keeping the (batch, heads, L, S) tensors for the backward), under
+    torch.compile too (eagerly, behind a graph break: the same chunks and masks as eager); in
+    eval mode or with a mask that needs a gradient it calls
     `torch.nn.functional.scaled_dot_product_attention`.
     """
 
@@ -76,11 +76,9 @@ def chunked_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal
         rep = q.size(-3) // k.size(-3)
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     with torch.autocast(device, enabled=False):
-        if torch.compiler.is_dynamo_compiling():  # traceable: one chunk, plain autograd
-            return _attend(q, k, v, _expanded_mask(attn_mask, is_causal, q.shape[:-2], q.size(-2), k.size(-2),
-                                                   q.device), float(dropout_p), _scale_root(q, scale), True)
         keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return _ChunkedAttention.apply(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, keep)
+        run = _chunked_behind_graph_break if torch.compiler.is_dynamo_compiling() else _ChunkedAttention.apply
+        return run(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale, keep)
 
 
 # ----------------------------------------------------------------------------- the Function
@@ -188,18 +186,22 @@ def _scale_root(q, scale) -> float:
     return math.sqrt(scale if scale is not None else 1.0 / math.sqrt(q.size(-1)))
 
 
-def _attend(q, k, v, mask, p, sf, safe):
-    """The whole attention as one chunk under autograd (what torch.compile traces)."""
-    cdt = _compute_dtype(q.dtype)
-    return torch.matmul(_dropped_probs(q, k, mask, p, sf, cdt, safe), v.to(cdt)).to(q.dtype)
-
-
 def _dropped_probs(q, k, mask, p, sf, cdt, safe, drop_out=None):
     """`_probs` with dropout applied (mask drawn by `keep_mask`, written into `drop_out` if given)."""
     probs = _probs(q, k, mask, sf, cdt, safe)
     if p > 0:
         probs = apply_mask(probs, keep_mask(probs.shape, p, q.device, out=drop_out), p)
     return probs
+
+
+def _apply_chunked(*args):
+    return _ChunkedAttention.apply(*args)
+
+
+#: Under torch.compile the chunked Function runs eagerly behind a graph break: its working set stays
+#: one chunk (traced, it would be one (batch, heads, L, S) chunk), and its dropout masks are eager's.
+_chunked_behind_graph_break = torch.compiler.disable(
+    _apply_chunked, reason="meft_fx chunked attention (bounded working set, eager dropout masks)")
 
 
 def _expanded_mask(attn_mask, is_causal, lead, L, S, device):

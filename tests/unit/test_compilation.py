@@ -86,7 +86,8 @@ def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
     assert meft_fx.compiled_couplings(model)  # every stack's F and G, including later call structures
     assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
     assert any("meft_fx reversible stack" in r for r in counters["graph_break"]), dict(counters["graph_break"])
-    reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r]  # nothing else
+    # nothing else, but the chunked dropping attention inside F, which runs eagerly to keep its chunks
+    reasons = [r for r in counters["graph_break"] if "meft_fx reversible stack" not in r and "_apply_chunked" not in r]
     assert not reasons, reasons
 
 
