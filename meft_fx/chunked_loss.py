@@ -6,8 +6,9 @@ model's class gets a forward that, in a training call under grad, runs the model
 to the *body* (the module whose output feeds the head: the converted stack's owner after
 `convert`), then the *tail*: the rest of the forward, captured once per call structure with the
 body's output as its input and rewritten by the `chunk_head_loss` pass. Calls whose tail has no
-head to chunk (no labels, a small classifier) run the original forward from then on; eval,
-no_grad and torch.compile calls always do. `convert` installs this by default
+head to chunk (no labels, a small classifier) run the original forward from then on; eval and
+no_grad calls always do. Under torch.compile a training call runs behind a graph break: the body
+compiled, the chunked tail eager. `convert` installs this by default
 (`MEFTConfig.chunk_loss`); this function does it for a model that is not made reversible.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import functools
 import inspect
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -145,10 +147,12 @@ def model_class(cls: type) -> type:
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         state = self.__dict__.get(STATE)
-        if state is None or not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if state is None or not (self.training and torch.is_grad_enabled()) or torch.compiler.is_exporting():
             return original(self, *args, **kwargs)
         if "use_cache" in state.params and kwargs.get("use_cache") is None:
             kwargs = {**kwargs, "use_cache": False}  # a training step needs no KV cache
+        if torch.compiler.is_compiling():
+            return _run_behind_graph_break(state, self, original, args, kwargs)
         return state.run(self, original, args, kwargs)
 
     attrs = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
@@ -161,6 +165,40 @@ def model_class(cls: type) -> type:
         attrs["save_pretrained"] = _save_pretrained(cls.save_pretrained)
         attrs["_keys_to_ignore_on_save"] = _frozen_keys(getattr(cls, "_keys_to_ignore_on_save", None))
     return type(cls.__name__, (cls,), attrs)
+
+
+#: body module -> its compiled forward (for training calls under torch.compile); not on the model, so
+#: copies and saved state are unaffected.
+_COMPILED_BODIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _body_compile_settings(body: nn.Module) -> dict:
+    """The settings the body's stacks were compiled with (`meft_fx.compile`), else the stacks' defaults."""
+    from .runtime.stack import ReversibleStack, default_compile_settings
+
+    for m in body.modules():
+        if isinstance(m, ReversibleStack) and m.compile_settings is not None:
+            return m.compile_settings
+    return default_compile_settings()
+
+
+def _run_behind_graph_break(state: ChunkedLoss, model, forward, args, kwargs):
+    """A training call under torch.compile: the forward runs eagerly up to the body, which runs compiled
+    (its forward compiled once, with its stacks' settings), then the chunked tail eagerly — so the
+    logits are never built under compile either (traced, the forward would run the unchunked head)."""
+    body = model.get_submodule(state.body)
+    compiled = _COMPILED_BODIES.get(body)
+    if compiled is None:
+        compiled = _COMPILED_BODIES[body] = torch.compile(body.forward, **_body_compile_settings(body))
+    body.forward = compiled  # for this call only: the module's own forward again afterwards
+    try:
+        return state.run(model, forward, args, kwargs)
+    finally:
+        del body.forward
+
+
+_run_behind_graph_break = torch.compiler.disable(
+    _run_behind_graph_break, reason="meft_fx chunked head and loss (the body before it runs compiled)")
 
 
 def copy_instance(self, memo):

@@ -101,3 +101,23 @@ def test_compile_outer_false_compiles_only_the_couplings():
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, eager(**inputs).logits, rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] > 0  # the couplings' graphs (outer model eager)
+
+
+def test_compiled_training_keeps_the_chunked_head_and_loss():
+    """Under torch.compile a causal LM's training call still computes the loss in vocabulary blocks
+    (`outputs.logits` None: the logits never exist), its body compiled; same loss and gradients as
+    eager. (aot_eager: the mechanism, without inductor's compile time.)"""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=2048, max_position_embeddings=64, use_cache=False)
+    ids = torch.randint(3, 2048, (2, 9))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    eager = meft_fx.convert(tf.LlamaForCausalLM(cfg), example_inputs=inputs)
+    model = meft_fx.compile(copy.deepcopy(eager), backend="aot_eager")
+    _assert_close(_grads(eager, inputs), _grads(model, inputs), "compiled chunked loss")
+    out = model(**inputs)
+    assert out.logits is None and out.loss is not None
+    assert any("chunked head and loss" in r for r in counters["graph_break"])
+    assert "forward" not in model.model.__dict__  # the body's compiled forward is set for a call only

@@ -73,6 +73,10 @@ def test_cached_generation_gives_the_uncached_tokens(name):
         cached = _generate(rev, ids, mask)
         assert conv.variants == captured  # every call of the cached generation ran CachePlan, not a capture
         _assert_same(cached, _generate(rev, ids, mask, use_cache=False))
+    if name != "gpt2":  # grouped-query attention: the cache holds the key/value heads unrepeated (unrepeat_kv)
+        cache = rev.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True).past_key_values
+        assert cache.layers[0].keys.shape[1] == rev.config.num_key_value_heads == 2
 
 
 @pytest.mark.slow
