@@ -19,6 +19,11 @@ RNG replay of the recompute gives the recompute exactly the masks of the forward
            ├─ coupling 1: F, G                     compiled
            ...
 
+Two more graph breaks keep memory bounded in training: a causal LM whose head and loss are chunked
+(`meft_fx.chunked_loss`) runs its training forward eagerly up to the stack's owner, which runs
+compiled, then the chunked tail (traced, the forward would build the full logits); attention with
+dropout runs its chunks eagerly (`meft_fx.nn.attention`).
+
 `same_masks_as_eager=True` (the default) compiles with inductor's `fallback_random`: dropout uses
 eager's kernels and generator, so a compiled model draws the same masks as the eager converted model
 from the same seed and gives the same gradients. With False, inductor's own (fused) random numbers
@@ -95,8 +100,8 @@ def compile(model: nn.Module, *, backend="inductor", mode: str | None = None, op
     Compiles the couplings' F and G (`compile_couplings`) and, with `outer=True` (default), the
     rest of the model (`nn.Module.compile`, so `state_dict` keys, `save_adapters` and attribute
     access are unchanged). `outer=False` leaves embeddings, head and loss eager: use it when
-    inductor makes those slower — measured on CPU for a LLaMA causal LM (vocabulary 32000), where
-    compiling the *unconverted* model is already 1.22× slower than eager (see the README).
+    inductor makes those slower. (A causal LM's chunked head and loss run eagerly in a compiled
+    training call either way, behind a graph break, its body compiled: `meft_fx.chunked_loss`.)
     `dynamic=True` (default) traces batch and sequence as symbols: a new length reuses the graphs.
     `same_masks_as_eager`: see the module docstring. `fullgraph` must stay False: the reversible
     stack is a graph break (ValueError otherwise).
