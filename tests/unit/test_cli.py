@@ -46,6 +46,7 @@ def test_cli_graph_list_and_debug_node(capsys):
     assert "node no_such_node" in out and "not found" in out
 
 
+@pytest.mark.slow  # fast set under 5 minutes
 def test_cli_explains_by_default_for_a_class_name(capsys):
     assert main(["inspect", "LlamaForCausalLM", "--layers", "2", "--method", "meft1", "--no-memory"]) == 0
     out = capsys.readouterr().out

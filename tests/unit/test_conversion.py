@@ -176,6 +176,7 @@ def _ids_and_mask(inputs):
     return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
 
+@pytest.mark.slow  # fast set under 5 minutes
 def test_a_slice_of_a_real_batch_as_example_inputs_serves_later_calls():
     arch = make("llama")
     batch = _ids_and_mask(arch.make_inputs(3, 24))
@@ -296,6 +297,7 @@ def test_modules_to_save_trains_an_untied_lm_head_and_round_trips(tmp_path):
     assert torch.equal(back(input_ids=ids).logits, rev.eval()(input_ids=ids).logits)
 
 
+@pytest.mark.slow  # fast set under 5 minutes
 def test_a_second_conversion_of_the_same_architecture_skips_the_whole_model_trace(monkeypatch):
     import meft_fx.conversion as conversion
 
