@@ -63,7 +63,8 @@ EXACT_DEFAULT_K = 4
 #: `MEFTConfig.recompute_chunk_bytes` default: 2 MiB of a position-wise block's widest activation per chunk.
 #: Measured on the README's 8-layer LLaMA decoder (batch 2, sequence 512, intermediate 1376): 1, 2, 4 MiB and
 #: unchunked peak at 36.7, 36.7, 47.4, 56.7 MiB (up to 2 MiB the attention recompute is the peak) and step in
-#: 2.95, 2.60, 2.61, 2.56 s (medians of 6 alternating steps): 2 MiB is the largest chunk below the attention's peak.
+#: 2.95, 2.60, 2.61, 2.56 s (medians of 6 alternating steps; chunks then of 190 / 381 / 762 tokens plus a remainder,
+#: before they were made equal): 2 MiB is the largest of these below the attention's peak.
 DEFAULT_RECOMPUTE_CHUNK_BYTES = 2 * 2 ** 20
 #: The smallest λ / β accepted (see `MEFTConfig.validate`).
 MIN_SCALE_K = 16

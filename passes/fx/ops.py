@@ -139,6 +139,12 @@ def linear_input(gm: fx.GraphModule, node: fx.Node):
     return node.args[0]
 
 
+def is_whole_slice(node) -> bool:
+    """`x[:, 0:]`-style `aten.slice(x, dim, 0, 2^63 - 1)` as torch.export writes it: `x` itself."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor
+            and len(node.args) == 4 and node.args[2] == 0 and node.args[3] == 2 ** 63 - 1 and not node.kwargs)
+
+
 def is_shape_only(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in SHAPE_ONLY_TARGETS

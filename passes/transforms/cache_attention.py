@@ -15,7 +15,7 @@ import torch.fx as fx
 from meft_fx.nn.attention import AttentionWithDropout
 from meft_fx.nn.cached_attention import cached_attention
 
-from ..fx.ops import attention_nodes
+from ..fx.ops import attention_nodes, is_whole_slice
 from ..fx.provenance import replace_node
 
 PASS = "cache_attention"
@@ -61,8 +61,7 @@ def cache_attention(block: fx.GraphModule, layer: int) -> fx.GraphModule:
 def _drop_whole_slices(graph: fx.Graph) -> None:
     """`x[:, 0:]`-style slices of a whole dimension are `x` (inference runs them once per token)."""
     for n in list(graph.nodes):
-        if (n.op == "call_function" and n.target is torch.ops.aten.slice.Tensor and len(n.args) == 4
-                and n.args[2] == 0 and n.args[3] == 2 ** 63 - 1 and not n.kwargs):
+        if is_whole_slice(n):
             n.replace_all_uses_with(n.args[0])
             graph.erase_node(n)
 

@@ -12,8 +12,8 @@ reversible backward, which recomputes one attention block at a time, that is 6 M
 at batch 2, sequence 512, 8 query / 4 key-value heads of 64 (measured: 16.5 → 10.5 MiB for SDPA
 alone); a KV cache built from the rewritten block holds n_rep times fewer bytes.
 
-Structural: the key and value arguments must both be `reshape(expand(unsqueeze(x, 2)))` (full
-slices and a clone allowed in between) of a (batch, kv_heads, L, D) tensor, repeated the same
+Structural: the key and value arguments must both be `reshape(expand(unsqueeze(x, 2)))` (whole-
+dimension slices and a clone allowed in between) of a (batch, kv_heads, L, D) tensor, repeated the same
 n_rep times into kv_heads · n_rep heads; anything else is left as it is.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 import torch.fx as fx
 
 from ..fx.dataflow import node_value
+from ..fx.ops import is_whole_slice
 from ..fx.provenance import stamp
 
 PASS = "unrepeat_kv"
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-_INT64_MAX = 2 ** 63 - 1
 
 
 def _call(n, targets) -> bool:
@@ -37,9 +37,7 @@ def _call(n, targets) -> bool:
 
 def _skip_whole_slices(n):
     """`x[:, 0:]`-style slices of a whole dimension are x."""
-    while (_call(n, {aten.slice.Tensor}) and len(n.args) >= 3 and n.args[2] in (0, None)
-           and (len(n.args) < 4 or n.args[3] is None or n.args[3] >= _INT64_MAX)
-           and (len(n.args) < 5 or n.args[4] == 1)):
+    while is_whole_slice(n):
         n = n.args[0]
     return n
 
