@@ -60,12 +60,13 @@ ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 #: numerics="exact": λ and β are powers of two 2^-k; k when `lam`/`beta` are None, chosen by
 #: measurement on all-MiniLM-L6-v2 (starting-point cosine vs bits stored; see the README).
 EXACT_DEFAULT_K = 4
-#: `MEFTConfig.recompute_chunk_bytes` default: 2 MiB of a position-wise block's widest activation per chunk.
-#: Measured on the README's 8-layer LLaMA decoder (batch 2, sequence 512, intermediate 1376): 1, 2, 4 MiB and
-#: unchunked peak at 36.7, 36.7, 47.4, 56.7 MiB (up to 2 MiB the attention recompute is the peak) and step in
-#: 2.95, 2.60, 2.61, 2.56 s (medians of 6 alternating steps; chunks then of 190 / 381 / 762 tokens plus a remainder,
-#: before they were made equal): 2 MiB is the largest of these below the attention's peak.
-DEFAULT_RECOMPUTE_CHUNK_BYTES = 2 * 2 ** 20
+#: `MEFTConfig.recompute_chunk_bytes` default: 3 MiB of a position-wise block's widest activation per chunk.
+#: Every chunk re-reads the block's weights and runs smaller matrix products, so fewer chunks are faster: on the
+#: README's 8-layer LLaMA decoder (batch 2, sequence 512, intermediate 1376) one training step took 1.68 s unchunked,
+#: 1.77 / 1.82 / 1.85 / 2.02 s in 2 / 3 / 4 / 6 chunks (one process, alternating, medians of 8). With the
+#: `gated_activation` pass (two intermediate-wide tensors kept per token instead of three) 2 chunks of 512 tokens
+#: peak at 37.9 MiB against 36.7 MiB for 3 chunks (then the attention recompute is the peak) and 51.3 unchunked.
+DEFAULT_RECOMPUTE_CHUNK_BYTES = 3 * 2 ** 20
 #: The smallest λ / β accepted (see `MEFTConfig.validate`).
 MIN_SCALE_K = 16
 MIN_SCALE = 2.0 ** -MIN_SCALE_K
@@ -145,7 +146,7 @@ class MEFTConfig:
         recompute_chunk_bytes: position-wise halves (the FFN sub-block and its adapter under MEFT3, when
             it reads nothing but the stream) run over the tokens in chunks whose widest activation (the
             FFN's intermediate) takes at most this many bytes — in the forward, the backward's recompute
-            and the reference alike — so the backward's working set is bounded (default 2 MiB; 0: never
+            and the reference alike — so the backward's working set is bounded (default 3 MiB; 0: never
             chunk). Dropout masks inside such a block are drawn chunk by chunk (same distribution).
         capture: "export" (torch.export, non-strict, dynamic batch/sequence), "fx"
             (torch.fx.symbolic_trace, for plain modules), or "auto" (export, falling back to fx).

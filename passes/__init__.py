@@ -3,6 +3,7 @@
     transforms.hoist_shape_queries  → sizes are read from graph inputs
     transforms.unrepeat_kv          → grouped-query attention reads k/v heads unrepeated (enable_gqa)
     transforms.dropout_to_modules   → dropout obeys train()/eval()
+    transforms.gated_activation     → act(a) * b (SwiGLU, GEGLU) keeps two tensors for the backward, not three
     analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
     analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
     transforms.insert_adapters      → paper adapters in every layer
@@ -19,12 +20,14 @@ from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, parallel_layer
 from .transforms.build_couplings import build_couplings
 from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
+from .transforms.gated_activation import gated_activation
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
 from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
-    "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "find_residual_units", "group_layers",
+    "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "gated_activation",
+    "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

@@ -21,6 +21,7 @@ from .fx.provenance import PROVENANCE_KEY
 from .transforms.build_couplings import build_couplings
 from .transforms.chunk_head_loss import chunk_head_loss
 from .transforms.dropout_to_modules import dropout_to_modules
+from .transforms.gated_activation import gated_activation
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
 from .transforms.unrepeat_kv import unrepeat_kv
@@ -52,6 +53,7 @@ PIPELINE = [
     Pass("hoist_shape_queries", "transform", lambda gm, s: hoist_shape_queries(gm)),
     Pass("unrepeat_kv", "transform", lambda gm, s: unrepeat_kv(gm)),
     Pass("dropout_to_modules", "transform", lambda gm, s: dropout_to_modules(gm)),
+    Pass("gated_activation", "transform", lambda gm, s: gated_activation(gm)),
     Pass("find_residual_units", "analysis", lambda gm, s: find_residual_units(gm), "finding the residual stream"),
     Pass("group_layers", "analysis", lambda gm, s: group_layers(s.analysis)),
     Pass("insert_adapters", "transform", lambda gm, s: insert_adapters(gm, s.analysis, s.config, s.adapters)),

@@ -3,4 +3,5 @@
     adapter     Adapter (Linear d→r → act → dropout → Linear r→d), AdapterOnly, NoUpdate
     dropout     Dropout / keep_mask / apply_mask
     attention   AttentionWithDropout / chunked_attention
+    gated       gated_act: act(gate) * up keeping two tensors for the backward (SwiGLU, GEGLU)
 """

@@ -56,6 +56,8 @@ class StreamArithmetic:
     differentiable = True
     #: λ and β must be powers of two 2^-k (the scaling is a shift).
     powers_of_two = False
+    #: `decode` makes a new tensor (not the stream itself), which a chunked block may overwrite with its output.
+    decodes_to_new = False
 
     def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS):
         """Settings an arithmetic does not use (float streams: `frac_bits`) are ignored."""
@@ -107,8 +109,11 @@ class StreamArithmetic:
         scaled = g.create_node("call_function", operator.mul, (prev, scale), name=f"{names[0]}_scaled")
         return g.create_node("call_function", operator.add, (scaled, out), name=names[0]), None
 
-    def emit_restore(self, g: fx.Graph, new: fx.Node, out: fx.Node, residue, scale: float, name: str) -> fx.Node:
-        """The node of `prev` rebuilt from `new = scale·prev + out` (and the residue): (new − out) / scale."""
+    def emit_restore(self, g: fx.Graph, new: fx.Node, out: fx.Node, residue, scale: float, name: str,
+                     checked: bool = True) -> fx.Node:
+        """The node of `prev` rebuilt from `new = scale·prev + out` (and the residue): (new − out) / scale.
+        `checked=False`: the caller verifies the result (the backward's fingerprint), so range checks
+        may be left out."""
         cast = g.create_node("call_method", "type_as", (out, new), name=f"{out.name}_cast")
         diff = g.create_node("call_function", operator.sub, (new, cast), name=name if scale == 1.0 else f"{name}_diff")
         return diff if scale == 1.0 else g.create_node("call_function", operator.truediv, (diff, scale), name=name)
@@ -133,13 +138,16 @@ class FixedPointStreams(StreamArithmetic):
     update:  y = (x >> k) + quantize(out), the k shifted-out bits kept (packed) as the residue;
     restore: x = shift_up(y − quantize(out), residue). Integer addition loses nothing, so the
     backward rebuilds every coupling's inputs bit for bit at any depth and dtype. A checksum of
-    each coupling's inputs is the fingerprint; stream gradients are kept in at least fp32.
+    each coupling's inputs is the fingerprint; stream gradients are kept in at least fp32. The
+    backward's restore runs unchecked (no range checks): the fingerprint catches any wrong rebuild,
+    a NaN or overflow in a non-deterministic recompute included.
     """
 
     name = "exact"
     leaf_input = False
     differentiable = False
     powers_of_two = True
+    decodes_to_new = True
 
     def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS):
         if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 1 <= frac_bits <= fxp.MAX_FRAC_BITS:
@@ -194,11 +202,12 @@ class FixedPointStreams(StreamArithmetic):
         rem = g.create_node("call_function", operator.getitem, (shifted, 1), name=residue)
         return g.create_node("call_function", fxp.add_checked, (kept, q, equation), name=new), rem
 
-    def emit_restore(self, g, new, out, residue, scale, name):
-        q = g.create_node("call_function", fxp.quantize, (out, self.frac_bits), name=f"{out.name}_q")
+    def emit_restore(self, g, new, out, residue, scale, name, checked=True):
+        quantize, shift_up = (fxp.quantize, fxp.shift_up) if checked else (fxp.quantize_unchecked, fxp.shift_up_unchecked)
+        q = g.create_node("call_function", quantize, (out, self.frac_bits), name=f"{out.name}_q")
         k = exponent_of(scale)
         diff = g.create_node("call_function", operator.sub, (new, q), name=f"{name}_shifted" if k else name)
-        return g.create_node("call_function", fxp.shift_up, (diff, residue, k), name=name) if k else diff
+        return g.create_node("call_function", shift_up, (diff, residue, k), name=name) if k else diff
 
 
 def _straight_through(carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -45,31 +45,78 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan):
-    """`block(x)` for a position-wise `block`, `plan.rows(x)` tokens at a time (one call when they fit)."""
+def _output_rows(x: torch.Tensor, first: torch.Tensor, reuse_input: bool) -> torch.Tensor:
+    """Where the chunks' outputs go: `x`'s own rows when `reuse_input` and the output has x's width and
+    dtype (each chunk overwrites the input rows it has finished with), else a new tensor."""
+    if reuse_input and first.shape[-1] == x.shape[-1] and first.dtype == x.dtype and x.is_contiguous() \
+            and not torch.compiler.is_compiling():
+        return _rows(x)
+    return first.new_empty((x.numel() // x.shape[-1], first.shape[-1]))
+
+
+def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, reuse_input: bool = False):
+    """`block(x)` for a position-wise `block`, `plan.rows(x)` tokens at a time (one call when they fit).
+
+    `reuse_input=True` (x is a temporary of the caller's, no gradient through it): the output is
+    written over x chunk by chunk, so no second tensor of x's size exists."""
     flat, rows = _rows(x), plan.rows(x)
     if flat.shape[0] <= rows:
         return block(x)
-    outs = [block(flat[s:s + rows].unsqueeze(0)) for s in range(0, flat.shape[0], rows)]
-    return torch.cat([_rows(o) for o in outs]).reshape(*x.shape[:-1], outs[0].shape[-1])
-
-
-def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Tensor, params, plan: ChunkPlan):
-    """(block(x) detached, d x, parameter grads) chunk by chunk: each chunk recomputed and back-propagated
-    before the next, so one chunk's activations are alive at a time. The caller restores RNG and autocast."""
-    flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x)
-    whole = flat.shape[0] <= rows  # one call, shaped as the forward called it
-    outs, d_in, per_chunk = [], [], []
+    reuse_input = reuse_input and not (torch.is_grad_enabled() and x.requires_grad)
+    out = None
     for s in range(0, flat.shape[0], rows):
-        leaf = (x if whole else flat[s:s + rows].unsqueeze(0)).detach().requires_grad_(True)
-        out = block(leaf if leaf_input else leaf.view_as(leaf))
-        g = torch.autograd.grad(out, [leaf, *params], cot[s:s + rows].reshape(out.shape).to(out.dtype),
-                                allow_unused=True)
-        outs.append(_rows(out.detach()))
-        d_in.append(_rows(g[0]))
-        per_chunk.append(g[1:])
+        o = _rows(block(flat[s:s + rows].unsqueeze(0)))
+        out = _output_rows(x, o, reuse_input) if out is None else out
+        out[s:s + rows] = o
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Tensor, params, plan: ChunkPlan,
+                  input_grad: bool = True, reuse_input: bool = False, grad_into: torch.Tensor | None = None):
+    """(block(x) detached, d x, parameter grads) chunk by chunk: each chunk recomputed and back-propagated
+    before the next, so one chunk's activations are alive at a time. The caller restores RNG and autocast.
+
+    `input_grad=False`: d x is not computed (None); autograd stops at the parameters.
+    `reuse_input=True`: x is the caller's temporary; the output is written over x's rows once their chunk
+    is back-propagated. `grad_into`: a tensor of x's shape to add d x into, in place (and return).
+    Neither keeps a list of chunks to concatenate, so the working set is one chunk's."""
+    flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x)
+    if flat.shape[0] <= rows:  # one call, shaped as the forward called it
+        return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into)
+    out, d_in, per_chunk = None, None, []
+    for s in range(0, flat.shape[0], rows):
+        leaf = flat[s:s + rows].unsqueeze(0).detach().requires_grad_(input_grad)
+        o, g, pg = _chunk_vjp(block, leaf_input, leaf, cot[s:s + rows], params, input_grad)
+        out = _output_rows(x, o, reuse_input) if out is None else out
+        out[s:s + rows] = o
+        if g is not None:
+            d_in = (_rows(grad_into) if grad_into is not None else g.new_empty(flat.shape)) if d_in is None else d_in
+            if grad_into is not None:
+                d_in[s:s + rows] += g
+            else:
+                d_in[s:s + rows] = g
+        per_chunk.append(pg)
     grads = [None] * len(params)
     for g in reversed(per_chunk):  # last chunk first: the order autograd sums them in for `run_in_chunks`
         grads = [a if b is None else b if a is None else a + b for a, b in zip(grads, g)]
-    out = torch.cat(outs).reshape(*x.shape[:-1], outs[0].shape[-1])
-    return out, torch.cat(d_in).reshape(x.shape), grads
+    d_x = grad_into if grad_into is not None else (d_in.reshape(x.shape) if d_in is not None else None)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), d_x, grads
+
+
+def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool):
+    """(output rows, d leaf rows or None, parameter grads) of one chunk."""
+    out = block(leaf if leaf_input else leaf.view_as(leaf))
+    wrt = [leaf, *params] if input_grad else list(params)
+    g = (torch.autograd.grad(out, wrt, cot_rows.reshape(out.shape).to(out.dtype), allow_unused=True)
+         if out.requires_grad else [None] * len(wrt))
+    d_leaf = _rows(g[0]) if input_grad and g[0] is not None else None
+    return _rows(out.detach()), d_leaf, (g[1:] if input_grad else g)
+
+
+def _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into):
+    leaf = x.detach().requires_grad_(input_grad)
+    out, d_leaf, grads = _chunk_vjp(block, leaf_input, leaf, _rows(cotangent), params, input_grad)
+    d_x = None if d_leaf is None else d_leaf.reshape(x.shape)
+    if grad_into is not None:
+        d_x = grad_into if d_x is None else grad_into.add_(d_x)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), d_x, grads

@@ -16,6 +16,9 @@ program's equations fused with F's and G's vector-Jacobian products:
     F(x2) recomputed, Fᵀdy1 back-propagated → x1 = restore(y1, F(x2), r1, λ)
     dx1 = λ·dy1,  dx2 = β·dy2 + Fᵀdy1
 
+(`tape.input_grads` False — the bottom coupling of a stack whose input needs no gradient — skips
+Fᵀdy1 and dx1, dx2: F's recompute then back-propagates only into its trainable parameters.)
+
 Every node is stamped `meft_pass = "codegen"`; `label_program` heads a program's printed code
 with who made it (used for these programs and by `meft_fx.graphs`).
 """
@@ -30,7 +33,7 @@ from torch import nn
 from . import fixed_point as fxp
 from .chunks import run_in_chunks
 from .replay import record_rng, replay_vjp
-from .saved import add_grads, cast_grad, scale_grad, take
+from .saved import cast_grad, coupling_input_grads, take
 
 __all__ = ["coupling_program", "inference_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
 
@@ -78,19 +81,27 @@ class _Emitter:
         plan = self.plan(half)
         if plan is not None:  # position-wise: in chunks of tokens (meft_fx.runtime.chunks)
             block = self.g.create_node("get_attr", half, name=f"{half.lower()}_block")
-            return self.g.create_node("call_function", run_in_chunks, (block, x, plan), name=half.lower())
+            return self.g.create_node("call_function", run_in_chunks, (block, x, plan),
+                                      {"reuse_input": self.arith.decodes_to_new}, name=half.lower())
         return self.g.create_node("call_module", half, (x, *self.block_args(half)), name=half.lower())
 
-    def vjp(self, half: str, stream, cotangent):
-        """(output, d_stream) nodes of `replay_vjp`, d_stream cast to the arithmetic's gradient dtype."""
+    def vjp(self, half: str, stream, cotangent, input_grad=None, grad_into=None, d_name=None):
+        """(output, d_stream) nodes of `replay_vjp`, d_stream cast to the arithmetic's gradient dtype.
+        `input_grad`: a node saying whether d_stream is wanted (None: always); `grad_into`: a gradient
+        node d_stream is added to in place (what the returned d_stream then is)."""
         g, low = self.g, half.lower()
         x = self.arith.emit_decode(g, stream, self.dtype, f"{low}_in")
         block = g.create_node("get_attr", half, name=f"{low}_block")
         plan = self.plan(half)
+        kwargs = {"chunk": plan, "reuse_input": self.arith.decodes_to_new} if plan is not None else {}
+        if input_grad is not None:
+            kwargs["input_grad"] = input_grad
+        if grad_into is not None:
+            kwargs["grad_into"] = grad_into
         res = g.create_node("call_function", replay_vjp, (self.tape, half, block, x, cotangent, *self.block_args(half)),
-                            {"chunk": plan} if plan is not None else {}, name=f"vjp_{low}")
+                            kwargs, name=f"vjp_{low}")
         out = g.create_node("call_function", operator.getitem, (res, 0), name=low)
-        d_in = g.create_node("call_function", operator.getitem, (res, 1), name=f"d_{low}_in")
+        d_in = g.create_node("call_function", operator.getitem, (res, 1), name=d_name or f"d_{low}_in")
         gd = self.arith.grad_dtype(self.dtype) if self.dtype is not None else None
         if gd is not None and gd != self.dtype:
             d_in = g.create_node("call_function", cast_grad, (d_in, gd), name=f"d_{low}_in_{str(gd)[6:]}")
@@ -99,8 +110,8 @@ class _Emitter:
     def update(self, prev, out, scale, new: str, residue: str, equation: str):
         return self.arith.emit_update(self.g, prev, out, scale, (new, residue, equation))
 
-    def restore(self, new, out, residue, scale, name: str):
-        return self.arith.emit_restore(self.g, new, out, residue, scale, name)
+    def restore(self, new, out, residue, scale, name: str, checked: bool = True):
+        return self.arith.emit_restore(self.g, new, out, residue, scale, name, checked)
 
 
 def _forward(e: _Emitter) -> None:
@@ -140,14 +151,14 @@ def _backward(e: _Emitter) -> None:
     y1, y2 = _stream_inputs(e, "y1", "y2", state, 0)
     r1, r2 = e.taken(state, ("r1", "r2"), 2)
     dy1, dy2 = _stream_inputs(e, "dy1", "dy2", state, 4)
-    out_g, d_y1 = e.vjp("G", y1, dy2)
-    x2 = e.restore(y2, out_g, r2, c.beta, "x2")
-    dy1 = g.create_node("call_function", add_grads, (dy1, d_y1), name="dy1_total")
-    out_f, d_x2 = e.vjp("F", x2, dy1)
-    x1 = e.restore(y1, out_f, r1, c.lam, "x1")
-    dx1 = g.create_node("call_function", scale_grad, (dy1, c.lam), name="dx1")
-    dx2_skip = g.create_node("call_function", scale_grad, (dy2, c.beta), name="dx2_skip")
-    dx2 = g.create_node("call_function", add_grads, (dx2_skip, d_x2), name="dx2")
+    out_g, dy1 = e.vjp("G", y1, dy2, grad_into=dy1, d_name="dy1_total")  # dy1 += Gᵀdy2, in place
+    x2 = e.restore(y2, out_g, r2, c.beta, "x2", checked=False)  # the Function checks the fingerprint
+    wanted = g.create_node("call_function", getattr, (e.tape, "input_grads"), name="input_grads")
+    out_f, d_x2 = e.vjp("F", x2, dy1, wanted)
+    x1 = e.restore(y1, out_f, r1, c.lam, "x1", checked=False)
+    dx = g.create_node("call_function", coupling_input_grads, (wanted, dy1, dy2, d_x2, c.lam, c.beta), name="dx")
+    dx1 = g.create_node("call_function", operator.getitem, (dx, 0), name="dx1")
+    dx2 = g.create_node("call_function", operator.getitem, (dx, 1), name="dx2")
     g.output((x1, x2, dx1, dx2))
 
 

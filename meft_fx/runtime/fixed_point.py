@@ -42,6 +42,7 @@ __all__ = [
     "dequantize",
     "shift_down",
     "shift_up",
+    "shift_up_unchecked",
     "pack_bits",
     "unpack_bits",
     "checksum",
@@ -297,11 +298,11 @@ def _pack_unchecked(v: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _unpack_unchecked(packed: torch.Tensor, k: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`_pack_unchecked` (no validation); returns flat int64."""
+def _unpack_unchecked(packed: torch.Tensor, k: int, numel: int, small: bool = False) -> torch.Tensor:
+    """Inverse of :func:`_pack_unchecked` (no validation); returns flat int64 (`small`: uint8 when k < 8)."""
     n = numel
     if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=packed.device)
+        return torch.empty(0, dtype=torch.uint8 if small and k < 8 else torch.int64, device=packed.device)
     a, r = divmod(k, 8)
     m, t = divmod(n, 8)
     n_low = _packed_nbytes(n, r)
@@ -314,7 +315,10 @@ def _unpack_unchecked(packed: torch.Tensor, k: int, numel: int) -> torch.Tensor:
             tb = packed[r * m: n_low]
             tb = torch.cat([tb, tb.new_zeros(r - tb.numel())]).view(r, 1)
             pieces.append(_unpack_rows(tb, r).view(-1)[:t])
-        v = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(torch.int64)
+        v = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if small and not a:
+            return v
+        v = v.to(torch.int64)
     if a:
         hi = packed[n_low:].view(a, n)
         for i in range(a):
@@ -464,6 +468,17 @@ def shift_up(q_shifted: torch.Tensor, packed_remainder: torch.Tensor, k: int, *,
     return out
 
 
+def shift_up_unchecked(q_shifted: torch.Tensor, packed_remainder: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`shift_up` (packed remainder) without its checks, for callers that verify the result
+    otherwise (the reversible backward compares a checksum of every rebuilt stream): the same bits
+    for inputs that came from :func:`shift_down`; anything else gives wrapped garbage, not an error."""
+    if k == 0:
+        return q_shifted
+    rem = _unpack_unchecked(packed_remainder.contiguous(), k, q_shifted.numel(), small=True).view(q_shifted.shape)
+    out = q_shifted << k
+    return out.bitwise_or_(rem)  # a uint8 remainder widens in the op, without an int64 copy
+
+
 # ---------------------------------------------------------------------------------- checksum
 _M64 = (1 << 64) - 1
 
@@ -479,45 +494,41 @@ _MIX1 = _s64(0xBF58476D1CE4E5B9)
 _MIX2 = _s64(0x94D049BB133111EB)
 
 
-def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical (unsigned) right shift of int64 by s in 1..63."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finalizer on int64 (wrapping arithmetic); a bijection of 64-bit words.
-
-    May modify ``x`` in place when it is a temporary owned by the caller.
-    """
-    x = x ^ _lsr(x, 30)
-    x *= _MIX1
-    x ^= _lsr(x, 27)
-    x *= _MIX2
-    x ^= _lsr(x, 31)
-    return x
-
-
-def _weyl_keys(n: int, step: int, device) -> torch.Tensor:
-    """n distinct odd int64 keys 2·(i+1)·step + 1 (wrapping), i = 0..n-1."""
+def _weyl_keys(n: int, step: int, device, odd: bool = True) -> torch.Tensor:
+    """n distinct int64 keys 2·(i+1)·step (+ 1 when `odd`), wrapping, i = 0..n-1."""
     key = torch.arange(1, n + 1, dtype=torch.int64, device=device)
     key *= step
     key <<= 1
-    key += 1
+    if odd:
+        key += 1
     return key
+
+
+def _mix64_int(x: int) -> int:
+    """SplitMix64's finalizer (a bijection of 64-bit words) on a Python int."""
+    x &= _M64
+    x ^= x >> 30
+    x = (x * (_MIX1 & _M64)) & _M64
+    x ^= x >> 27
+    x = (x * (_MIX2 & _M64)) & _M64
+    return x ^ (x >> 31)
 
 
 def checksum(q: torch.Tensor) -> int:
     """Cheap position-sensitive 64-bit checksum of an int64 tensor (returned in [0, 2^64)).
 
-    ``sum_{r,c} q[r, c] · row_r · col_c`` mod 2^64 over q viewed as rows of its last dimension,
-    with distinct odd keys ``col_c = 2·(c+1)·φ + 1`` and ``row_r = 2·(r+1)·ψ + 1`` (Weyl
-    sequences; φ = 0x9E3779B97F4A7C15, ψ = 0xBF58476D1CE4E5B9), plus a mix of the shape.  Properties:
+    Over q viewed as rows of its last dimension: ``sum_c colsum_c · col_c + sum_r rowsum_r · row_r``
+    mod 2^64, with distinct odd column keys ``col_c = 2·(c+1)·φ + 1`` and distinct even row keys
+    ``row_r = 2·(r+1)·ψ`` (Weyl sequences; φ = 0x9E3779B97F4A7C15, ψ = 0xBF58476D1CE4E5B9), plus a mix
+    of the shape.  Properties:
 
-    * changing any single element by any nonzero amount always changes the checksum (its
-      term changes by delta · row_r · col_c, and multiplying by an odd number is a bijection mod 2^64);
-    * swapping two elements changes it unless (q_a − q_b)·(key_b − key_a) ≡ 0 mod 2^64;
-    * one int64 matrix-vector product over the tensor (CPU; elsewhere a product and a row sum),
-      then a weighted sum of one value per row: about 4× faster than one key per element.
+    * changing any single element by any nonzero amount delta always changes the checksum (by
+      delta · (col_c + row_r), and col_c + row_r is odd: multiplying by an odd number is a bijection
+      mod 2^64);
+    * swapping two unequal elements changes a row sum or a column sum, and with it the checksum unless
+      (q_a − q_b)·(col_a − col_b + row_a − row_b) ≡ 0 mod 2^64;
+    * two int64 reductions over the tensor (its column sums and row sums), then two weighted sums of one
+      value per column and per row: a third of the time of one matrix-vector product over it.
 
     Meant for verifying reconstructions (compare the checksum of a stream saved in forward
     with that of the stream rebuilt in backward) without keeping the stream.
@@ -530,14 +541,13 @@ def checksum(q: torch.Tensor) -> int:
     shape_key = len(q.shape)
     for d in q.shape:
         shape_key = (shape_key * 1000003 + d + 1) & _M64
-    total = int(_mix64(torch.tensor([_s64(shape_key)], dtype=torch.int64))[0]) & _M64
+    total = _mix64_int(shape_key)
     if n:
         width = q.shape[-1] if q.dim() else 1
         rows = q.reshape(n // width, width)
-        col = _weyl_keys(width, _GOLDEN, q.device)
-        per_row = torch.mv(rows, col) if q.device.type == "cpu" else (rows * col).sum(1)
-        per_row *= _weyl_keys(n // width, _MIX1, q.device)
-        total = (total + int(per_row.sum())) & _M64
+        by_col = rows.sum(0) * _weyl_keys(width, _GOLDEN, q.device)
+        by_row = rows.sum(1) * _weyl_keys(n // width, _MIX1, q.device, odd=False)
+        total = (total + int(by_col.sum()) + int(by_row.sum())) & _M64
     return total
 
 

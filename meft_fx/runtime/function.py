@@ -64,10 +64,11 @@ class ReversibleFunction(torch.autograd.Function):
         (h1, h2), saved, fctx.top, fctx.saved = fctx.top, fctx.saved, None, None
         context = restore_context(fctx, fctx.saved_tensors)
         grads = GradAccumulator()
-        dh1, dh2 = output_grads(stack.out_index, d_out.to(arith.grad_dtype(dtype)))
+        dh1, dh2 = _owned_output_grads(stack, d_out.to(arith.grad_dtype(dtype)))
         for i in reversed(range(len(stack.couplings))):
             tape, r1, r2, check = saved.pop()
             tape.grads = grads
+            tape.input_grads = i > 0 or fctx.needs_input_grad[2]  # the bottom: only if the stack's input wants one
             state = [h1, h2, r1, r2, dh1, dh2]
             h1 = h2 = r1 = r2 = dh1 = dh2 = None  # the program holds the only references (`saved.take`)
             with stack.errors_named(i, backward=True):
@@ -75,8 +76,17 @@ class ReversibleFunction(torch.autograd.Function):
             got = arith.fingerprint(h1, h2)
             if got != check:
                 raise _mismatch(stack, i, got, check)
-        dx = cast_grad(add_grads(dh1, dh2), dtype)
+        dx = cast_grad(add_grads(dh1, dh2), dtype)  # None when the stack's input needs no gradient
         return (None, None, dx, *[grads.get(c) for c in context], *[grads.get(p) for p in fctx.params])
+
+
+def _owned_output_grads(stack, d_out):
+    """(dh1, dh2) of the top streams; the one the top coupling adds Gᵀdy2 into in place (its equations'
+    dy1: h1, or h2 after a swap) is never `d_out` itself, which belongs to autograd (or the caller)."""
+    dh1, dh2 = output_grads(stack.out_index, d_out)
+    if stack.couplings[-1].swap:
+        return dh1, (dh2.clone() if dh2 is d_out else dh2)
+    return (dh1.clone() if dh1 is d_out else dh1), dh2
 
 
 SECOND_BACKWARD = (

@@ -8,7 +8,10 @@ The generated programs call two functions of this module:
   block again under the same RNG state and autocast, back-propagates `cotangent` through it at
   once, accumulates the parameter and context gradients on the tape's `GradAccumulator`, and
   returns (the block's output, detached; the gradient of its stream input). Running F and G one
-  at a time keeps only one block's activations alive.
+  at a time keeps only one block's activations alive. With `input_grad=False` (F of the bottom
+  coupling when nothing below the stack wants a gradient) the stream's gradient is not asked for,
+  so autograd back-propagates only as far as the trainable parameters: e.g. MEFT3's F at the
+  bottom runs its attention backward no more, only its adapter's.
 
 Like `torch.utils.checkpoint`, the global RNG is never reseeded: states are restored inside
 `torch.random.fork_rng`.
@@ -70,6 +73,8 @@ class Tape:
     rng: dict = field(default_factory=dict)
     grads: GradAccumulator | None = None
     leaf_input: bool = True
+    input_grads: bool = True          # the coupling's input streams need gradients (False: the bottom
+                                      # coupling of a stack whose input needs none)
 
 
 def record_rng(tape: Tape | None, half: str) -> None:
@@ -79,28 +84,41 @@ def record_rng(tape: Tape | None, half: str) -> None:
 
 
 def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tensor, cotangent, *context,
-               chunk: ChunkPlan | None = None):
+               chunk: ChunkPlan | None = None, input_grad: bool = True, reuse_input: bool = False,
+               grad_into: torch.Tensor | None = None):
     """Recompute `block(stream, *context)` as the forward ran it and back-propagate `cotangent`.
 
     Returns (output, d_stream); `cotangent` None means a gradient known to be zero (then the block
     only runs, without grad, and d_stream is None). `chunk`: the block is position-wise and ran in
     chunks of tokens (`meft_fx.runtime.chunks`); so do its recompute and back-propagation.
+    `input_grad=False`: d_stream is not wanted (returned as None), so autograd stops at the
+    parameters and context tensors that need gradients. `grad_into`: a gradient to add d_stream to,
+    in place (returned as d_stream). `reuse_input=True`: `stream` is the caller's temporary, which
+    a chunked block's output may overwrite.
     """
     rng = tape.rng.get(half)
     replay = rng.replay() if rng is not None else contextlib.nullcontext()
     if cotangent is None:
         with torch.no_grad(), replay, tape.autocast.restore():
-            return (block(stream, *context) if chunk is None else run_in_chunks(block, stream, chunk)), None
+            out = block(stream, *context) if chunk is None else run_in_chunks(block, stream, chunk, reuse_input)
+        return out, grad_into
     params = [p for p in block.parameters() if p.requires_grad]
     if chunk is not None:
         with torch.enable_grad(), replay, tape.autocast.restore():
-            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, params, chunk)
+            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, params, chunk, input_grad,
+                                             reuse_input, grad_into)
         tape.grads.add(zip(params, grads))
         return out, d_in
     ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
     with torch.enable_grad(), replay, tape.autocast.restore():
-        leaf = stream.detach().requires_grad_(True)
+        leaf = stream.detach().requires_grad_(input_grad)
         out = block(leaf if tape.leaf_input else leaf.view_as(leaf), *context)
-    grads = torch.autograd.grad(out, [leaf, *params, *ctx], cotangent.to(out.dtype), allow_unused=True)
-    tape.grads.add(zip([*params, *ctx], grads[1:]))
-    return out.detach(), grads[0]
+    wrt = [leaf, *params, *ctx] if input_grad else [*params, *ctx]
+    if not out.requires_grad:  # nothing to back-propagate into (input_grad=False, no parameters used)
+        return out.detach(), grad_into
+    grads = torch.autograd.grad(out, wrt, cotangent.to(out.dtype), allow_unused=True)
+    d_in, grads = (grads[0], grads[1:]) if input_grad else (None, grads)
+    tape.grads.add(zip([*params, *ctx], grads))
+    if grad_into is not None and d_in is not None:
+        d_in = grad_into.add_(d_in)
+    return out.detach(), (grad_into if d_in is None else d_in)

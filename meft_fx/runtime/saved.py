@@ -5,10 +5,12 @@ a block whose output reaches nothing): `add_grads`, `scale_grad` and `cast_grad`
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["take", "save_context", "restore_context", "GradAccumulator", "add_grads", "scale_grad", "cast_grad",
-           "output_grads"]
+           "output_grads", "coupling_input_grads"]
 
 
 def take(state: list, i: int):
@@ -27,6 +29,18 @@ def add_grads(a, b):
 def scale_grad(a, scale: float):
     """scale · a (None stays None; scale 1 is skipped)."""
     return None if a is None else (a if scale == 1.0 else a * scale)
+
+
+def coupling_input_grads(wanted: bool, dy1, dy2, d_x2, lam: float, beta: float):
+    """(dx1, dx2) = (λ·dy1, β·dy2 + d_x2) of a coupling's input streams; (None, None) when not `wanted`.
+
+    With β a power of two, β·dy2 + d_x2 is one pass (`torch.add(..., alpha=β)`): the product is exact,
+    so the fused multiply-add rounds as the separate steps do (the same bits as autograd's sum)."""
+    if not wanted:
+        return None, None
+    if d_x2 is None or dy2 is None or math.frexp(beta)[0] != 0.5 or d_x2.dtype != dy2.dtype:
+        return scale_grad(dy1, lam), add_grads(scale_grad(dy2, beta), d_x2)
+    return scale_grad(dy1, lam), torch.add(d_x2, dy2, alpha=beta)
 
 
 def cast_grad(a, dtype: torch.dtype):

@@ -41,7 +41,7 @@ def test_cli_graph_list_and_debug_node(capsys):
     code = out[out.index("# made by pass codegen"):out.index("node gelu")]
     compile(code, "<g>", "exec")
     assert "def forward(self, y1, y2" in code and "dequantize(y1" in code
-    assert "run_in_chunks(g_block, g_in, g_chunks)" in code  # the FFN half runs over the tokens in chunks
+    assert "run_in_chunks(g_block, g_in, g_chunks, reuse_input = True)" in code  # the FFN half runs over the tokens in chunks
     assert "node gelu in graph" in out and "fans out: no" in out and "computed by coupling 0's G" in out
     assert "node no_such_node" in out and "not found" in out
 

@@ -30,6 +30,42 @@ def test_chunks_give_the_block_s_output_and_gradients(shape):
         torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 8), (3, 5, 8)])
+def test_chunks_can_write_over_their_input_and_add_into_a_gradient(shape):
+    """reuse_input: the output takes the input's storage (no second tensor of its size); grad_into: d x is
+    added into the given gradient in place. Same numbers as without."""
+    block, plan = _mlp(), ChunkPlan(width=32, chunk_bytes=3 * 32 * 8)
+    x = torch.randn(*shape, dtype=torch.float64)
+    cot, acc = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    params = list(block.parameters())
+    ref_out, ref_dx, ref_grads = vjp_in_chunks(block, True, x, cot, params, plan)
+    mine, into = x.clone(), acc.clone()
+    out, dx, grads = vjp_in_chunks(block, True, mine, cot, params, plan, reuse_input=True, grad_into=into)
+    assert out.data_ptr() == mine.data_ptr() and dx is into
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(dx, acc + ref_dx, rtol=0, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mine = x.clone()
+    with torch.no_grad():
+        out = run_in_chunks(block, mine, plan, reuse_input=True)
+    assert out.data_ptr() == mine.data_ptr() and torch.equal(out, ref_out)
+    # with a gradient through the input, the input is never overwritten
+    leaf = x.clone().requires_grad_()
+    assert run_in_chunks(block, leaf, plan, reuse_input=True).data_ptr() != leaf.data_ptr()
+
+
+def test_no_input_gradient_skips_it_and_keeps_the_parameters():
+    block, plan = _mlp(), ChunkPlan(width=32, chunk_bytes=3 * 32 * 8)
+    x, cot = torch.randn(2, 7, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    params = list(block.parameters())
+    _, _, ref = vjp_in_chunks(block, True, x, cot, params, plan)
+    out, dx, grads = vjp_in_chunks(block, True, x, cot, params, plan, input_grad=False)
+    assert dx is None
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _convert(arch, inputs, **cfg):
     return meft_fx.convert(arch.model, meft_fx.MEFTConfig(chunk_loss=False, **cfg), example_inputs=inputs)
 

@@ -127,6 +127,8 @@ def test_programs_read_like_the_equations():
                  "record_rng(tape, 'F')", "return (y2, y1, r1, None)"):
         assert step in fwd, step
     bwd = c.program("backward", exact, 0, torch.float32).code
-    for step in ("replay_vjp(tape, 'G'", "replay_vjp(tape, 'F'", "shift_up", "add_grads", "scale_grad(dy1_total, 0.0625)"):
+    for step in ("replay_vjp(tape, 'G'", "grad_into = dy1", "replay_vjp(tape, 'F'", "input_grad = input_grads",
+                 "shift_up",
+                 "coupling_input_grads(input_grads, dy1_total, dy2, d_f_in, 0.0625, 1.0)"):
         assert step in bwd, step
     assert fwd.startswith("\n\n\n# made by pass codegen") or "# made by pass codegen" in fwd.splitlines()[3]

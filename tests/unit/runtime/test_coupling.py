@@ -112,6 +112,59 @@ def test_backward_works_when_nothing_upstream_requires_grad():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stack.parameters())
 
 
+class _CountBackward(torch.autograd.Function):
+    """Identity that counts how often autograd back-propagates through it."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountBackward.calls += 1
+        return g
+
+
+class FrozenThenAdapter(nn.Module):
+    """A frozen block followed by a trainable adapter on its output (MEFT3's F: attention, then an adapter)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.frozen, self.adapter = nn.Linear(d, d).requires_grad_(False), nn.Linear(d, d)
+
+    def forward(self, x, *context):
+        h = self.frozen(_CountBackward.apply(x))
+        return h + self.adapter(h)
+
+
+@pytest.mark.parametrize("numerics", ["float", "exact"])
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_the_bottom_f_back_propagates_only_into_parameters_when_the_input_needs_no_gradient(numerics, x_requires_grad):
+    """Frozen embeddings below the stack: the bottom coupling's F runs no backward through its frozen part
+    (only its adapter's parameters need a gradient), and every gradient is what autograd gives."""
+    grads = {}
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        stack = ReversibleStack([Coupling(FrozenThenAdapter(8), Block(8, p=0.0), 2.0 ** -2, 2.0 ** -2, False)
+                                 for _ in range(3)], 0, out_index=1, reversible=reversible, numerics=numerics).double()
+        x = torch.randn(2, 5, 8, dtype=torch.double, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(x_requires_grad)
+        out = stack(x)
+        _CountBackward.calls = 0
+        (out * out.detach().cos()).sum().backward()
+        grads[reversible] = ([p.grad for p in stack.parameters() if p.requires_grad], x.grad, _CountBackward.calls)
+    (rev, x_rev, calls), (ref, x_ref, ref_calls) = grads[True], grads[False]
+    assert calls == (3 if x_requires_grad else 2) and ref_calls == calls
+    assert all(g is not None for g in rev) and len(rev) == len(ref)
+    for a, b in zip(rev, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (x_rev is None) == (not x_requires_grad)
+    if x_requires_grad:
+        torch.testing.assert_close(x_rev, x_ref, rtol=1e-10, atol=1e-12)
+
+
 def test_global_rng_is_not_reseeded_by_backward():
     stack = make_stack(3, 8, SCALES["meft3"], True)
     x = torch.randn(2, 3, 8, dtype=torch.double, requires_grad=True)

@@ -17,6 +17,7 @@ from meft_fx.runtime.fixed_point import (
     quantize,
     shift_down,
     shift_up,
+    shift_up_unchecked,
     unpack_bits,
 )
 
@@ -249,6 +250,15 @@ def test_pack_errors():
     with pytest.raises(ValueError, match="k"):
         unpack_bits(torch.zeros(4, dtype=torch.uint8), -2, 9)
     assert pack_bits(torch.zeros(5, dtype=torch.int64), 0).numel() == 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 8, 9, 17, 40])
+def test_unchecked_shift_up_restores_what_shift_down_dropped(k):
+    q = _random_int64((3, 7, 5), seed=k) >> 1
+    shifted, rem = shift_down(q, k)
+    assert torch.equal(shift_up_unchecked(shifted, rem, k), q)
+    assert torch.equal(shift_up_unchecked(shifted, rem, k), shift_up(shifted, rem, k))
+    assert shift_up_unchecked(q, shift_down(q, 0)[1], 0) is q
 
 
 # ---------------------------------------------------------------------------- checksum
