@@ -3,6 +3,7 @@
     transforms.hoist_shape_queries  → sizes are read from graph inputs
     transforms.unrepeat_kv          → grouped-query attention reads k/v heads unrepeated (enable_gqa)
     transforms.dropout_to_modules   → dropout obeys train()/eval()
+    transforms.causal_masks         → SDPA with a boolean mask takes the causal kernel when the mask is causal
     transforms.gated_activation     → act(a) * b (SwiGLU, GEGLU) keeps two tensors for the backward, not three
     analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
     analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
@@ -18,6 +19,7 @@ from .analysis.group_layers import group_layers
 from .analysis.records import Layer, ResidualUnit, Stack, StreamAnalysis
 from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, parallel_layers, run_pipeline, snapshot
 from .transforms.build_couplings import build_couplings
+from .transforms.causal_masks import causal_masks
 from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.gated_activation import gated_activation
@@ -27,7 +29,8 @@ from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
-    "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "gated_activation",
+    "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "causal_masks",
+    "gated_activation",
     "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

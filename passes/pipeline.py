@@ -19,6 +19,7 @@ from .analysis.group_layers import group_layers
 from .analysis.records import StreamAnalysis
 from .fx.provenance import PROVENANCE_KEY
 from .transforms.build_couplings import build_couplings
+from .transforms.causal_masks import causal_masks
 from .transforms.chunk_head_loss import chunk_head_loss
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.gated_activation import gated_activation
@@ -53,6 +54,7 @@ PIPELINE = [
     Pass("hoist_shape_queries", "transform", lambda gm, s: hoist_shape_queries(gm)),
     Pass("unrepeat_kv", "transform", lambda gm, s: unrepeat_kv(gm)),
     Pass("dropout_to_modules", "transform", lambda gm, s: dropout_to_modules(gm)),
+    Pass("causal_masks", "transform", lambda gm, s: causal_masks(gm)),
     Pass("gated_activation", "transform", lambda gm, s: gated_activation(gm)),
     Pass("find_residual_units", "analysis", lambda gm, s: find_residual_units(gm), "finding the residual stream"),
     Pass("group_layers", "analysis", lambda gm, s: group_layers(s.analysis)),

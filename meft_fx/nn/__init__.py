@@ -3,5 +3,6 @@
     adapter     Adapter (Linear d→r → act → dropout → Linear r→d), AdapterOnly, NoUpdate
     dropout     Dropout / keep_mask / apply_mask
     attention   AttentionWithDropout / chunked_attention
+    causal      masked_sdpa: SDPA with a boolean mask, on the causal kernel when the mask is causal
     gated       gated_act: act(gate) * up keeping two tensors for the backward (SwiGLU, GEGLU)
 """

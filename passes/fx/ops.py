@@ -11,6 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as Fn
 
+from meft_fx.nn.causal import masked_sdpa
+
 aten = torch.ops.aten
 
 
@@ -49,7 +51,7 @@ def is_add(node: fx.Node) -> bool:
 FUSED_ATTENTION_TARGETS = _targets(
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention",
-) | {Fn.scaled_dot_product_attention}
+) | {Fn.scaled_dot_product_attention, masked_sdpa}
 SOFTMAX_TARGETS = _targets("_softmax", "softmax", "_safe_softmax") | {torch.softmax, Fn.softmax}
 #: products whose two operands may both be activations (q·kᵀ, probabilities·v)
 PRODUCT_TARGETS = _targets("matmul", "bmm", "baddbmm", "mm", "einsum") | {torch.matmul, torch.bmm, torch.einsum,

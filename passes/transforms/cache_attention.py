@@ -1,7 +1,7 @@
 """A copy of a block whose attention reads and extends a KV cache (for generation only).
 
-The block's one SDPA — `aten.scaled_dot_product_attention` or the `AttentionWithDropout` module
-`dropout_to_modules` made of it — becomes `meft_fx.nn.cached_attention.cached_attention(q, k, v,
+The block's one SDPA — `aten.scaled_dot_product_attention`, the `masked_sdpa` call `causal_masks` made of it,
+or the `AttentionWithDropout` module `dropout_to_modules` made of it — becomes `meft_fx.nn.cached_attention.cached_attention(q, k, v,
 mask, layer=i)`: the new keys and values (after rotary embeddings and GQA's repeat, i.e. what SDPA
 received) are appended to layer i of the running step's cache and the queries attend over all of
 them. Dropout is dropped (generation runs in eval mode). The training graph is not touched: the
@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from meft_fx.nn.attention import AttentionWithDropout
 from meft_fx.nn.cached_attention import cached_attention
+from meft_fx.nn.causal import masked_sdpa
 
 from ..fx.ops import attention_nodes, is_whole_slice
 from ..fx.provenance import replace_node
@@ -25,7 +26,7 @@ _NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 def _bound(gm: fx.GraphModule, n: fx.Node) -> dict | None:
     """SDPA's arguments by name, or None when `n` is not an SDPA."""
-    if n.op == "call_function" and n.target is _SDPA:
+    if n.op == "call_function" and n.target in (_SDPA, masked_sdpa):
         return {**dict(zip(_NAMES, n.args)), **n.kwargs}
     mod = gm.get_submodule(n.target) if n.op == "call_module" else None
     if isinstance(mod, AttentionWithDropout):
