@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["StepMemory", "measure_step_memory", "median_step_time", "alternating_times", "memory_deltas"]
+__all__ = ["StepMemory", "measure_step_memory", "median_step_time", "alternating_times", "balanced_orders",
+           "memory_deltas"]
 
 MiB = 1 << 20
 
@@ -143,18 +144,38 @@ def median_step_time(step: Callable[[], Any], warmup: int = 1, repeats: int = 5,
     return float(statistics.median(times))
 
 
+def balanced_orders(n: int, rounds: int) -> list:
+    """`rounds` orders of range(n) in which every item runs in every position and after every other item
+    equally often over each 2n rounds (n rounds for even n): a Williams design, so that what one step
+    leaves behind (a grown heap, warm caches) does not always favour the same successor."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = []
+    for r in range(rounds):
+        row = [(x + r) % n for x in first]
+        orders.append(row[::-1] if n % 2 and (r // n) % 2 else row)
+    return orders
+
+
 def alternating_times(steps: dict, rounds: int = 3, warmup: int = 1) -> dict:
-    """{name: [seconds per round]} of each `steps[name]()`, run in turn (A B C A B C ...) so that a
-    machine whose load changes slows every method alike; `warmup` untimed turns first."""
+    """{name: [seconds per round]} of each `steps[name]()`, run in turn so that a machine whose load
+    changes slows every method alike; each round takes the next of `balanced_orders`, so every method
+    follows every other one equally often. `warmup` untimed turns first (in the given order)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for _ in range(warmup):
         for step in steps.values():
             step()
+    names = list(steps)
     times: dict = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for order in balanced_orders(len(names), rounds):
+        for i in order:
             t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+            steps[names[i]]()
+            times[names[i]].append(time.perf_counter() - t0)
     return times

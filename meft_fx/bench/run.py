@@ -32,8 +32,12 @@ measured with `meft_fx.memory.measure_step_memory`: activation memory = peak liv
 step minus the bytes it leaves behind. "saved" is measured separately: the bytes a forward leaves
 alive for its backward. Step time is the median over `--repeats` steps, each
 preceded by an in-place zero of the gradients; the methods of one (depth, seq) are timed in turn
-(A B C A B C ..., after all their memory measurements: every model stays alive until then), so a
-change in the machine's load slows all alike (`--no-alternate`: each method timed right after its
+(after all their memory measurements: every model stays alive until then), so a change in the
+machine's load slows all alike, each round in the next of `meft_fx.memory.balanced_orders`, so that
+every method follows every other equally often (what one step leaves behind — a grown heap, warm
+caches — changes the next one's time by several per cent; with `--repeats` a multiple of the number
+of methods, twice it when that is odd, the orders are fully balanced) (`--no-alternate`: each method
+timed right after its
 memory, one model alive at a time). Compiled methods are always timed on their own.
 
 A method that cannot run (meft_fx.convert missing or raising, inductor unavailable, ...) is
@@ -429,7 +433,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
 def _measure_group(spec: BenchModel, base: dict, methods, dtype, device, repeats, compile_timeout, seed, log,
                    t_start, alternate: bool = True) -> list[dict]:
     """The rows of every method at one (depth, seq): one model config and one batch shared by all.
-    With `alternate`, the step times are taken in turn (A B C A B C ...) after every memory measurement."""
+    With `alternate`, the step times are taken in turn (balanced orders) after every memory measurement."""
     write, advance, _ = log
     depth, seq = base["depth"], base["seq"]
     config = spec.config(depth, seq)

@@ -47,7 +47,7 @@ class ReversibleFunction(torch.autograd.Function):
         fctx.stack, fctx.saved, fctx.params, fctx.dtype = stack, saved, params, x.dtype
         fctx.top = [h1, h2]  # not save_for_backward: the backward frees them after the top coupling
         fctx.save_for_backward(*save_context(fctx, context))
-        return stack.select(arith.decode(h1, x.dtype), arith.decode(h2, x.dtype))
+        return stack.decoded_output(h1, h2, x.dtype)
 
     @staticmethod
     def backward(fctx, d_out):

@@ -103,6 +103,13 @@ class ReversibleStack(nn.Module):
             return (h1 + h2) * 0.5
         return h2 if self.out_index == 1 else h1
 
+    def decoded_output(self, h1, h2, dtype):
+        """What the stack returns from its top streams, decoded to `dtype` (only the stream(s) it returns)."""
+        decode = self.arithmetic.decode
+        if self.out_index == "mean":
+            return self.select(decode(h1, dtype), decode(h2, dtype))
+        return decode(h2 if self.out_index == 1 else h1, dtype)
+
     def where(self, i) -> str:
         """'coupling I (layer)' for messages; 'the stack's input' for None."""
         if i is None:
@@ -136,7 +143,7 @@ class ReversibleStack(nn.Module):
             prog = self.program(i, "forward", x.dtype) if programs is None else programs[i]
             with self.errors_named(i):
                 h1, h2, _, _ = prog(h1, h2, None, *context)
-        return self.select(arith.decode(h1, x.dtype), arith.decode(h2, x.dtype))
+        return self.decoded_output(h1, h2, x.dtype)
 
     def _function_inputs(self, x, context):
         """The trainable parameters when the reversible Function should run, else None."""

@@ -129,6 +129,21 @@ def test_alternating_times_runs_the_steps_in_turn():
 
     order = []
     times = alternating_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, warmup=1)
-    assert order == ["a", "b"] * 4 and {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"] and {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         alternating_times({"a": lambda: None}, rounds=0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7])
+def test_balanced_orders_put_every_step_after_every_other_equally_often(n):
+    from collections import Counter
+
+    from meft_fx.memory import balanced_orders
+
+    rounds = n if n % 2 == 0 else 2 * n
+    orders = balanced_orders(n, rounds)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    positions = Counter((i, o.index(i)) for o in orders for i in range(n))
+    assert set(positions.values()) == {rounds // n}  # every step in every position equally often
+    follows = Counter((o[j], o[j + 1]) for o in orders for j in range(n - 1))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1  # every ordered pair equally often
