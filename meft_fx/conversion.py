@@ -134,12 +134,19 @@ class ConvertedModule(nn.Module):
                 return self.cache_plan.call(args, kwargs)
             kwargs = generation.without_cache(kwargs, self.owner or self.original_class)
         tensors, key = CallSpec.flatten(args, kwargs)
-        gm = next((g for g in self._variants.get(key, ()) if serves(g, tensors)), None)
+        gm = self._captured_for(key, tensors)
+        same = _same_call_other_no_cache(self._original, kwargs)
+        if gm is None and same is not None:
+            gm = self._captured_for(CallSpec.flatten(args, same)[1], tensors)
         if gm is None:
             gm = self._recapture(args, kwargs, key)
         if gm is not self.graph_module and gm.training != self.training:
             gm.train(self.training)
         return gm(*tensors)
+
+    def _captured_for(self, key, tensors):
+        """The GraphModule captured for this call structure that serves these tensors' sizes, or None."""
+        return next((g for g in self._variants.get(key, ()) if serves(g, tensors)), None)
 
     @torch._disable_dynamo  # under torch.compile: capture eagerly, behind a graph break
     def _recapture(self, args, kwargs, key):
@@ -154,6 +161,17 @@ class ConvertedModule(nn.Module):
         compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
         self._variants.setdefault(key, []).append(gm)
         return gm
+
+
+def _same_call_other_no_cache(original: nn.Module, kwargs: dict):
+    """The same call with `use_cache=None` for `False` or the other way round, when the module's config says
+    no cache (as `convert` leaves a transformers model) — one captured program serves both (the chunked
+    loss's training forward passes False where the example call passed nothing); else None."""
+    if "use_cache" not in kwargs or kwargs["use_cache"] not in (None, False):
+        return None
+    if getattr(getattr(original, "config", None), "use_cache", None) is not False:
+        return None
+    return {**kwargs, "use_cache": None if kwargs["use_cache"] is False else False}
 
 
 def _record_calls(model: nn.Module, paths, args, kwargs) -> dict:

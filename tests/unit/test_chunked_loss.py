@@ -90,6 +90,23 @@ def test_convert_chunks_the_head_by_default_and_changes_no_gradient():
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, equal_nan=True)
 
 
+def test_a_causal_lm_trains_with_the_programs_convert_made():
+    """The chunked loss's training forward calls the stack's owner with use_cache=False where convert's
+    example call passed nothing: the same call (the config says no cache), so no second capture, and
+    the programs `graphs()` shows are the ones the training step runs."""
+    from meft_fx.conversion import ConvertedModule
+
+    rev = meft_fx.convert(_decoder("llama"), meft_fx.MEFTConfig(loss_chunk_bytes=CHUNK)).train()
+    owner = next(m for m in rev.modules() if isinstance(m, ConvertedModule))
+    ran = []
+    hook = meft_fx.graphs(rev)["coupling0/backward"].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        rev(**_token_inputs(2, 2, 9, vocab=VOCAB)).loss.backward()
+    finally:
+        hook.remove()
+    assert owner.variants == 1 and ran == [1]
+
+
 @pytest.mark.slow  # ~7 s: a conversion and a chunk_loss capture
 def test_gradient_checkpointing_enable_on_a_converted_model_warns_and_claims_nothing():
     rev = meft_fx.convert(_decoder("llama"), meft_fx.MEFTConfig(chunk_loss=False))
