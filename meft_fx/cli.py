@@ -90,6 +90,7 @@ def load_model(spec: str, layers: int = 2, auto_class: str | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m meft_fx` (its subcommands and their options)."""
     p = argparse.ArgumentParser(prog="python -m meft_fx", description="meft_fx: make pretrained transformers reversible (MEFT).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     q = sub.add_parser("inspect", help="convert a model and explain the rewrite", description=DESCRIPTION, epilog=EPILOG,
@@ -212,6 +213,7 @@ def _draw(rev, path: str, no_memory: bool) -> bool:
 
 
 def main(argv=None) -> int:
+    """`python -m meft_fx COMMAND ...`: run the command given in `argv` (default: sys.argv); returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(args)

@@ -46,14 +46,17 @@ class StepMemory:
 
     @property
     def activation_mib(self) -> float:
+        """`activation_bytes` in MiB: the step's peak minus what it leaves behind (what the README reports)."""
         return self.activation_bytes / MiB
 
     @property
     def peak_mib(self) -> float:
+        """`peak_bytes` in MiB: the most the step had allocated at once, relative to its start."""
         return self.peak_bytes / MiB
 
     @property
     def retained_mib(self) -> float:
+        """`retained_bytes` in MiB: still allocated when the step ended (e.g. new .grad buffers)."""
         return self.retained_bytes / MiB
 
 

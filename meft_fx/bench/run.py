@@ -471,11 +471,28 @@ def _time_in_turn(rows: list[dict], repeats: int, device, write) -> None:
         f"{m} {statistics.median(t):.3f} s" for m, t in times.items()))
 
 
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A temporary path next to `path` to write to, moved onto `path` only when the block completes: an
+    interrupted run leaves the previous file (or none), never half of one."""
+    tmp = f"{path}.partial"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    with _replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def _write_outputs(rows: list[dict], out) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.md"), "w") as f:
-        f.write(format_report(rows))
-    with open(os.path.join(out, "bench.json"), "w") as f:
+    _write_text(os.path.join(out, "bench.md"), format_report(rows))
+    with _replacing(os.path.join(out, "bench.json")) as tmp, open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
     plot_memory(rows, os.path.join(out, "bench_memory.png"))
 
@@ -509,6 +526,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_report(rows: list[dict]) -> str:
+    """The benchmark's Markdown report (`bench.md`): the run's settings, the table and the ratios' meaning."""
     if not rows:
         return "# meft_fx.bench\n\n(no rows)\n"
     r0 = rows[0]
@@ -563,7 +581,8 @@ def plot_memory(rows: list[dict], path: str) -> str | None:
         r0 = rows[0]
         fig.suptitle(f"{r0.get('arch', 'bert')} hidden {r0['hidden']}, batch {r0['batch']}, {r0['dtype']}, {r0['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -585,13 +604,13 @@ def _generate(args) -> list[dict]:
     text = format_generation(rows, spec.title)
     if args.out is not None:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "generation.md"), "w") as f:
-            f.write(text)
+        _write_text(os.path.join(args.out, "generation.md"), text)
     sys.stdout.write(text)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """`python -m meft_fx.bench [options]`: parse `argv`, run the benchmark, write its outputs; returns the rows."""
     p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bert", choices=ARCHS, help="bert (encoder classifier) or llama (decoder LM)")
     p.add_argument("--hidden", type=int, default=384)

@@ -65,6 +65,7 @@ class ReversibleStack(nn.Module):
     # ---------------------------------------------------------------------------- arithmetic
     @property
     def numerics(self) -> str:
+        """The stream arithmetic's name ("exact" or "float"); setting it switches the stack's arithmetic."""
         return self.arithmetic.name
 
     @numerics.setter
@@ -80,6 +81,7 @@ class ReversibleStack(nn.Module):
 
     @property
     def frac_bits(self) -> int:
+        """Fractional bits of the fixed-point streams (used by exact numerics)."""
         return self._frac_bits
 
     @property
@@ -99,6 +101,7 @@ class ReversibleStack(nn.Module):
         return self.couplings[i].program(which, self.arithmetic, self.num_context, dtype)
 
     def select(self, h1, h2):
+        """The stack's output from its two final streams: one of them, or their mean (`out_index`)."""
         if self.out_index == "mean":
             return (h1 + h2) * 0.5
         return h2 if self.out_index == 1 else h1

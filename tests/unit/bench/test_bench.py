@@ -65,6 +65,22 @@ def test_markdown_and_png_written(baseline):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_an_interrupted_write_leaves_no_half_written_file(tmp_path, monkeypatch):
+    rows = [{"depth": 1, "seq": 16, "method": "lora", "status": "ok", "activation_mib": 1.0}]
+    (tmp_path / "bench.json").write_text("[]")  # a previous run's
+
+    def fail_halfway(obj, f, **kw):
+        f.write("[{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.json, "dump", fail_halfway)
+    monkeypatch.setattr(bench, "format_report", lambda rows: "report\n")
+    with pytest.raises(KeyboardInterrupt):
+        bench._write_outputs(rows, tmp_path)
+    assert (tmp_path / "bench.json").read_text() == "[]"  # the previous file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no *.partial left
+
+
 @pytest.mark.slow
 def test_meft_rows_give_numbers():
     """Both MEFT3 rows run: a row that fails (convert raising, a broken backward) fails this test."""
