@@ -220,6 +220,10 @@ def chunked_lines(module: nn.Module, stacks) -> list:
             halves = sorted({h for h, _ in plans})
             lines.append(f"{name}: {'/'.join(halves)} of {len(plans)} coupling(s) (position-wise) over the tokens in "
                          f"chunks of ≤ {format_bytes(plans[0][1].chunk_bytes)} of their widest activation")
+        sliced = sum(p.compiled_width is not None for _, p in plans)
+        if sliced:
+            lines.append(f"{name}: the gated FFN of {sliced} of them in slices of its intermediate width (same budget), "
+                         "back-propagated while the backward recomputes it (sliced_ffn); compiled: in token chunks")
     return lines
 
 

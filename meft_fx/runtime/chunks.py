@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ahead import cotangent_ahead
+
 __all__ = ["ChunkPlan", "fit", "run_in_chunks", "vjp_in_chunks"]
 
 
@@ -29,16 +31,23 @@ class ChunkPlan:
 
     width: int
     chunk_bytes: int
+    compiled_width: int | None = None  # the width when the block is compiled (its sliced FFN runs whole there)
 
-    def rows(self, x: torch.Tensor) -> int:
+    def rows(self, x: torch.Tensor, compiled: bool = False) -> int:
         """Tokens per chunk for input `x` (all of them when they fit): as many chunks as the budget needs,
         of equal size (a last chunk of a few tokens would run its matmuls at a fraction of the speed)."""
-        tokens, most = x.numel() // max(1, x.shape[-1]), fit(self.width, x.element_size(), self.chunk_bytes)
+        width = self.compiled_width if compiled and self.compiled_width else self.width
+        tokens, most = x.numel() // max(1, x.shape[-1]), fit(width, x.element_size(), self.chunk_bytes)
         chunks = -(-tokens // most)
         return -(-tokens // chunks) if chunks else most
 
     def __repr__(self) -> str:  # printed in the generated programs
-        return f"ChunkPlan(width={self.width}, chunk_bytes={self.chunk_bytes})"
+        extra = f", compiled_width={self.compiled_width}" if self.compiled_width else ""
+        return f"ChunkPlan(width={self.width}, chunk_bytes={self.chunk_bytes}{extra})"
+
+
+def _compiled(block) -> bool:
+    return getattr(block, "_compiled_call_impl", None) is not None  # nn.Module.compile
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,7 @@ def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, reuse_input: bool = F
 
     `reuse_input=True` (x is a temporary of the caller's, no gradient through it): the output is
     written over x chunk by chunk, so no second tensor of x's size exists."""
-    flat, rows = _rows(x), plan.rows(x)
+    flat, rows = _rows(x), plan.rows(x, _compiled(block))
     if flat.shape[0] <= rows:
         return block(x)
     reuse_input = reuse_input and not (torch.is_grad_enabled() and x.requires_grad)
@@ -80,7 +89,7 @@ def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Ten
     `reuse_input=True`: x is the caller's temporary; the output is written over x's rows once their chunk
     is back-propagated. `grad_into`: a tensor of x's shape to add d x into, in place (and return).
     Neither keeps a list of chunks to concatenate, so the working set is one chunk's."""
-    flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x)
+    flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x, _compiled(block))
     if flat.shape[0] <= rows:  # one call, shaped as the forward called it
         return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into)
     out, d_in, per_chunk = None, None, []
@@ -104,8 +113,10 @@ def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Ten
 
 
 def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool):
-    """(output rows, d leaf rows or None, parameter grads) of one chunk."""
-    out = block(leaf if leaf_input else leaf.view_as(leaf))
+    """(output rows, d leaf rows or None, parameter grads) of one chunk. Its cotangent is handed ahead to a
+    sliced FFN inside (`meft_fx.nn.sliced_ffn`), which then back-propagates while it recomputes."""
+    with cotangent_ahead(cot_rows):
+        out = block(leaf if leaf_input else leaf.view_as(leaf))
     wrt = [leaf, *params] if input_grad else list(params)
     g = (torch.autograd.grad(out, wrt, cot_rows.reshape(out.shape).to(out.dtype), allow_unused=True)
          if out.requires_grad else [None] * len(wrt))

@@ -18,6 +18,7 @@ from ..fx.dataflow import data_dag, node_value, region, tensor_shape
 from ..fx.extraction import extract
 from ..fx.ops import graph_has_random
 from ..fx.provenance import describe, stamp
+from .sliced_ffn import sliced_ffn
 
 PASS = "build_couplings"
 NO_UPDATE = (("none (its stream is not the output)", "adapter"),)
@@ -78,11 +79,18 @@ class _StackCutter:
         return sub, idx, mine
 
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
-        """A ChunkPlan for a position-wise half (the FFN) that reads no context; None otherwise."""
-        if role != "ffn" or context or not self.config.recompute_chunk_bytes or isinstance(module, NoUpdate):
+        """A ChunkPlan for a position-wise half (the FFN) that reads no context; None otherwise. A reversible
+        half's gated FFN runs in slices of its width (`sliced_ffn`): the token chunks are then sized by the
+        other parameters, except when the half is compiled (`compiled_width`: the plain ops run there)."""
+        budget = self.config.recompute_chunk_bytes
+        if role != "ffn" or context or not budget or isinstance(module, NoUpdate):
             return None
-        widths = [p.shape[0] for p in module.parameters() if p.dim() == 2] + [self.dim]
-        return ChunkPlan(max(widths), self.config.recompute_chunk_bytes)
+        sliced = sliced_ffn(module, budget) if self.config.reversible and isinstance(module, fx.GraphModule) else set()
+        named = dict(module.named_parameters())
+        widths = [self.dim] + [p.shape[0] for n, p in named.items() if p.dim() == 2 and n not in sliced]
+        if not sliced:
+            return ChunkPlan(max(widths), budget)
+        return ChunkPlan(max(widths), budget, compiled_width=max(widths + [named[n].shape[0] for n in sliced]))
 
     def coupling(self, layer, li: int, top: bool) -> Coupling:
         cfg, spec = self.config, self.config.spec

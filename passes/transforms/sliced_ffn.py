@@ -1,0 +1,66 @@
+"""A gated FFN of a reversible coupling runs in slices of its intermediate width, not chunks of tokens.
+
+In a position-wise half (the FFN sub-block a reversible backward recomputes), the bias-free gated FFN
+
+    down = linear(gated_act(linear(x, W_gate), linear(x, W_up), kind), W_down)
+
+becomes one call of `meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
+each slice of the intermediate units runs over all tokens, its tensors within `chunk_bytes`, and in the
+backward's recompute each slice makes its share of d x at once (see that module). The half then needs no
+chunks of tokens for its FFN: `build_couplings` calls this on the halves it chunks and sizes their token
+chunks by what is left (the compiled path, which runs the plain ops, keeps token chunks of the FFN's width).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from meft_fx.nn.gated import gated_act
+from meft_fx.nn.sliced_ffn import sliced_gated_ffn
+
+from ..fx.provenance import replace_node
+
+PASS = "sliced_ffn"
+_LINEAR = {torch.ops.aten.linear.default}
+
+
+def _bias_free_linear(n, only_user) -> tuple | None:
+    """(input, weight get_attr) of `linear(input, weight)` without bias used only by `only_user`, else None."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or n.target not in _LINEAR:
+        return None
+    if len(n.args) != 2 or n.kwargs or set(n.users) != {only_user} or n.args[1].op != "get_attr":
+        return None
+    return n.args
+
+
+def _match(down: fx.Node):
+    """(x, w_gate, w_up, w_down, kind, nodes to erase) when `down` ends a bias-free gated FFN, else None."""
+    lin = _bias_free_linear(down, next(iter(down.users), None)) if len(down.users) == 1 else None
+    if lin is None or down.args[1].op != "get_attr":
+        return None
+    g = lin[0]
+    if g.op != "call_function" or g.target is not gated_act or set(g.users) != {down} or len(g.args) != 3:
+        return None
+    a, b = _bias_free_linear(g.args[0], g), _bias_free_linear(g.args[1], g)
+    if a is None or b is None or a[0] is not b[0] or g.args[0] is g.args[1]:
+        return None
+    return a[0], a[1], b[1], down.args[1], g.args[2], (g, g.args[0], g.args[1])
+
+
+def sliced_ffn(gm: fx.GraphModule, chunk_bytes: int) -> set:
+    """Rewrite every bias-free gated FFN of `gm` (see the module docstring), in place; returns the
+    parameter targets the sliced calls read (their widths no longer bound the half's token chunks)."""
+    taken = set()
+    for down in list(gm.graph.nodes):
+        m = _match(down) if down.op == "call_function" and down.target in _LINEAR else None
+        if m is None:
+            continue
+        x, wg, wu, wd, kind, dead = m
+        replace_node(gm, down, "call_function", sliced_gated_ffn, (x, wg, wu, wd, kind, int(chunk_bytes)), PASS)
+        for n in dead:
+            gm.graph.erase_node(n)
+        taken |= {wg.target, wu.target, wd.target}
+    if taken:
+        gm.graph.lint()
+        gm.recompile()
+    return taken

@@ -1,0 +1,101 @@
+"""sliced_ffn: a bias-free gated FFN becomes one sliced_gated_ffn call; in a converted decoder its FFN
+halves run whole, sliced by width, the backward making d x while it recomputes, the gradients unchanged."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import meft_fx
+from meft_fx import passes
+from meft_fx.nn import sliced_ffn as sliced
+from meft_fx.nn.gated import gated_act
+from meft_fx.nn.sliced_ffn import sliced_gated_ffn
+from meft_fx.runtime import ReversibleStack
+from helpers import captured
+from tests.support.architectures import _token_inputs
+
+aten = torch.ops.aten
+
+
+class GatedFFN(nn.Module):
+    def __init__(self, bias=False, reuse_gate=False, width=16, inner=48):
+        super().__init__()
+        self.gate, self.up = nn.Linear(width, inner, bias=bias), nn.Linear(width, inner, bias=False)
+        self.down = nn.Linear(inner, width, bias=False)
+        self.reuse_gate = reuse_gate
+
+    def forward(self, x):
+        g = self.gate(x)
+        out = self.down(F.silu(g) * self.up(x))
+        return out + g.sum(-1, keepdim=True) if self.reuse_gate else out
+
+
+def _gated(model, x):
+    gm, _ = captured(model, (x,), prepare=False)
+    return passes.gated_activation(gm)
+
+
+def test_a_bias_free_gated_ffn_becomes_one_sliced_call():
+    torch.manual_seed(0)
+    model = GatedFFN().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    gm = _gated(model, x)
+    ref = gm(x)[0]
+    taken = passes.sliced_ffn(gm, 10 * 8 * 12)
+    calls = [n for n in gm.graph.nodes if n.target is sliced_gated_ffn]
+    assert len(calls) == 1 and calls[0].meta["meft_pass"] == "sliced_ffn" and calls[0].args[4:] == ("silu", 960)
+    assert not any(n.target in (gated_act, aten.linear.default) for n in gm.graph.nodes)
+    assert taken == {calls[0].args[i].target for i in (1, 2, 3)}
+    assert sorted(t.rsplit(".", 2)[-2] for t in taken) == ["down", "gate", "up"]
+    torch.testing.assert_close(gm(x)[0], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(bias=True), dict(reuse_gate=True)])
+def test_a_biased_or_shared_projection_is_left_alone(kw):
+    model = GatedFFN(**kw)
+    x = torch.randn(2, 5, 16)
+    gm = _gated(model, x)
+    before = gm.code
+    assert passes.sliced_ffn(gm, 64) == set() and gm.code == before
+
+
+def _decoder():
+    import transformers as tf
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, use_cache=False)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).double()
+
+
+def _grads(model, inputs):
+    torch.manual_seed(7)  # the adapters' dropout: the same masks for both models
+    loss = model(**inputs).loss
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return loss, dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
+
+
+def test_a_converted_decoder_slices_its_ffns_and_keeps_its_gradients(monkeypatch):
+    inputs = _token_inputs(3, 2, 9, vocab=128)
+    budget = 2 * 9 * 8 * 32  # 18 fp64 tokens: the hidden width (32) fits whole, the FFN's 64 units in 2 slices
+    config = dict(recompute_chunk_bytes=budget, chunk_loss=False)
+    ref = meft_fx.convert(copy.deepcopy(_decoder()), meft_fx.MEFTConfig(reversible=False, **config)).train()
+    rev = meft_fx.convert(_decoder(), meft_fx.MEFTConfig(**config)).train()
+    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+    for c in stack.couplings:
+        assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
+        assert (c.chunks["G"].width, c.chunks["G"].compiled_width) == (32, 64)  # whole tokens eager; FFN width compiled
+    assert "the gated FFN of 2 of them in slices of its intermediate width" in str(meft_fx.explain(rev))
+    passes_over_slices = []
+    real = sliced._forward_and_vjp
+    monkeypatch.setattr(sliced, "_forward_and_vjp", lambda *a: passes_over_slices.append(1) or real(*a))
+    loss, grads = _grads(rev, inputs)
+    # one pass over the slices per coupling: each recompute back-propagated as it ran (a recompute in the
+    # FFN's own backward, had the cotangent not been its output's, would add one more)
+    assert len(passes_over_slices) == len(stack.couplings)
+    ref_loss, ref_grads = _grads(ref, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
