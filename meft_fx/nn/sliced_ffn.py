@@ -37,14 +37,20 @@ def slices_for(tokens: int, width: int, itemsize: int, chunk_bytes: int) -> list
     return [slice(i, min(i + step, width)) for i in range(0, width, step)]
 
 
+def _add_product(acc, a, b):
+    """acc + a·b in place (acc None: a·b); under autocast a product then an add (in-place addmm is not cast)."""
+    if acc is None:
+        return a.mm(b)
+    return acc.add_(a.mm(b)) if torch.is_autocast_enabled(a.device.type) else acc.addmm_(a, b)
+
+
 def _slice_out(x, w_gate, w_up, w_down, kind, s, out):
     """act(x·gate[s]ᵀ) ∘ (x·up[s]ᵀ), its share added into `out` (None: the first slice makes it); returns
     (out, gate, act(gate), up) — the same kernels in every path, so the same bits."""
     a, b = F.linear(x, w_gate[s]), F.linear(x, w_up[s])
     sa = ACTIVATIONS[kind][0](a)
     h = sa * b
-    out = F.linear(h, w_down[:, s]) if out is None else out.addmm_(h, w_down[:, s].t())
-    return out, a, sa, b
+    return _add_product(out, h, w_down[:, s].t()), a, sa, b
 
 
 def _forward(x2, w_gate, w_up, w_down, kind, slices):
@@ -63,10 +69,9 @@ def _forward_and_vjp(x2, w_gate, w_up, w_down, kind, slices, cot):
         d_h = cot.mm(w_down[:, s])
         d_b = sa.mul_(d_h)                 # act(a) ∘ d_h, over act(a)
         d_a = act_backward(d_h.mul_(b), a)  # act'(a) ∘ (d_h ∘ b), over d_h
-        d_x = d_a.mm(w_gate[s]) if d_x is None else d_x.addmm_(d_a, w_gate[s])
-        d_x.addmm_(d_b, w_up[s])
+        d_x = _add_product(_add_product(d_x, d_a, w_gate[s]), d_b, w_up[s])
         del a, sa, b, d_h, d_a, d_b  # before the next slice's: one slice's tensors alive at a time
-    return out, d_x
+    return out, d_x.to(x2.dtype)  # autocast: x's own dtype, as autograd through the cast gives it
 
 
 class SlicedGatedFFN(torch.autograd.Function):
@@ -76,6 +81,8 @@ class SlicedGatedFFN(torch.autograd.Function):
     def forward(ctx, x2, w_gate, w_up, w_down, kind, slices):
         cot = take_cotangent(x2.shape[0], w_down.shape[0], x2.dtype)
         ctx.kind, ctx.slices, ctx.cot = kind, slices, cot
+        dev = x2.device.type
+        ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
         ctx.save_for_backward(x2, w_gate, w_up, w_down)
         if cot is None:
             ctx.d_x = None
@@ -86,10 +93,11 @@ class SlicedGatedFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, w_gate, w_up, w_down = ctx.saved_tensors
-        if ctx.d_x is not None and (grad is ctx.cot or torch.equal(grad, ctx.cot)):
+        if ctx.d_x is not None and (grad is ctx.cot or torch.equal(grad, ctx.cot.to(grad.dtype))):
             d_x = ctx.d_x
         else:  # the cotangent handed over was not this output's: recompute from the gradient
-            with torch.no_grad():
+            dev, dtype, enabled = ctx.autocast
+            with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                 d_x = _forward_and_vjp(x2, w_gate, w_up, w_down, ctx.kind, ctx.slices, grad)[1]
         ctx.d_x = ctx.cot = None
         return d_x, None, None, None, None, None

@@ -135,3 +135,20 @@ def test_bf16_rows_match_the_ffn_within_rounding():
     assert out.dtype == d.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(d, d_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_under_autocast_it_computes_what_the_ffn_computes_there(ahead):
+    wg, wu, wd = _weights(torch.float32)
+    x = torch.randn(2, 6, WIDTH, requires_grad=True)
+    cot = torch.randn(2, 6, WIDTH)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _plain(x, wg, wu, wd, "silu")
+        with cotangent_ahead(cot if ahead else None):
+            out = sliced_gated_ffn(x, wg, wu, wd, "silu", _budget(x, 10))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    d, = torch.autograd.grad(out, x, cot.to(out.dtype))
+    d_ref, = torch.autograd.grad(ref, x, cot.to(ref.dtype))
+    assert d.dtype == d_ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(d, d_ref, rtol=3e-2, atol=3e-2)
