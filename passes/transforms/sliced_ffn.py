@@ -4,7 +4,8 @@ In a position-wise half (the FFN sub-block a reversible backward recomputes), th
 
     down = linear(gated_act(linear(x, W_gate), linear(x, W_up), kind), W_down)
 
-becomes one call of `meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
+whose output reaches the half's output only through additions (and casts) becomes one call of
+`meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
 each slice of the intermediate units runs over all tokens, its tensors within `chunk_bytes`, and in the
 backward's recompute each slice makes its share of d x at once (see that module). The half then needs no
 chunks of tokens for its FFN: `build_couplings` calls this on the halves it chunks and sizes their token
@@ -22,6 +23,24 @@ from ..fx.provenance import replace_node
 
 PASS = "sliced_ffn"
 _LINEAR = {torch.ops.aten.linear.default}
+_PASS_THROUGH = {torch.ops.aten.add.Tensor, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
+
+
+def _reaches_output_by_adds(n: fx.Node) -> bool:
+    """Does `n` reach the graph's output only through additions and dtype casts? Then the gradient it
+    receives is the output's cotangent (cast), which the backward offers ahead."""
+    frontier, seen = [n], set()
+    while frontier:
+        m = frontier.pop()
+        for u in m.users:
+            if u.op == "output":
+                continue
+            if u.op != "call_function" or u.target not in _PASS_THROUGH or u.kwargs.get("alpha", 1) != 1:
+                return False
+            if u not in seen:
+                seen.add(u)
+                frontier.append(u)
+    return True
 
 
 def _bias_free_linear(n, only_user) -> tuple | None:
@@ -36,8 +55,8 @@ def _bias_free_linear(n, only_user) -> tuple | None:
 def _match(down: fx.Node):
     """(x, w_gate, w_up, w_down, kind, nodes to erase) when `down` ends a bias-free gated FFN, else None."""
     lin = _bias_free_linear(down, next(iter(down.users), None)) if len(down.users) == 1 else None
-    if lin is None or down.args[1].op != "get_attr":
-        return None
+    if lin is None or down.args[1].op != "get_attr" or not _reaches_output_by_adds(down):
+        return None  # (elsewhere, e.g. before a post-norm, the cotangent offered ahead would not be its own)
     g = lin[0]
     if g.op != "call_function" or g.target is not gated_act or set(g.users) != {down} or len(g.args) != 3:
         return None

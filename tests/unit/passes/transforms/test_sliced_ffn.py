@@ -20,16 +20,20 @@ aten = torch.ops.aten
 
 
 class GatedFFN(nn.Module):
-    def __init__(self, bias=False, reuse_gate=False, width=16, inner=48):
+    """x + down(silu(gate(x)) * up(x)) (pre-norm residual), or LayerNorm of it (`post_norm`)."""
+
+    def __init__(self, bias=False, reuse_gate=False, post_norm=False, width=16, inner=48):
         super().__init__()
         self.gate, self.up = nn.Linear(width, inner, bias=bias), nn.Linear(width, inner, bias=False)
         self.down = nn.Linear(inner, width, bias=False)
+        self.norm = nn.LayerNorm(width) if post_norm else None
         self.reuse_gate = reuse_gate
 
     def forward(self, x):
         g = self.gate(x)
-        out = self.down(F.silu(g) * self.up(x))
-        return out + g.sum(-1, keepdim=True) if self.reuse_gate else out
+        out = x + self.down(F.silu(g) * self.up(x))
+        out = out + g.sum(-1, keepdim=True) if self.reuse_gate else out
+        return self.norm(out) if self.norm is not None else out
 
 
 def _gated(model, x):
@@ -52,8 +56,10 @@ def test_a_bias_free_gated_ffn_becomes_one_sliced_call():
     torch.testing.assert_close(gm(x)[0], ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [dict(bias=True), dict(reuse_gate=True)])
-def test_a_biased_or_shared_projection_is_left_alone(kw):
+@pytest.mark.parametrize("kw", [dict(bias=True), dict(reuse_gate=True), dict(post_norm=True)])
+def test_a_biased_shared_or_post_norm_ffn_is_left_alone(kw):
+    """post_norm: the FFN's gradient is not its half's cotangent (a LayerNorm lies between), so the cotangent
+    offered ahead would be wasted work; the FFN keeps its token chunks."""
     model = GatedFFN(**kw)
     x = torch.randn(2, 5, 16)
     gm = _gated(model, x)
