@@ -135,8 +135,7 @@ class ConvertedModule(nn.Module):
             kwargs = generation.without_cache(kwargs, self.owner or self.original_class)
         tensors, key = CallSpec.flatten(args, kwargs)
         gm = self._captured_for(key, tensors)
-        same = _same_call_other_no_cache(self._original, kwargs)
-        if gm is None and same is not None:
+        if gm is None and (same := _same_call_other_no_cache(self._original, kwargs)) is not None:
             gm = self._captured_for(CallSpec.flatten(args, same)[1], tensors)
         if gm is None:
             gm = self._recapture(args, kwargs, key)
