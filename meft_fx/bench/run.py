@@ -375,7 +375,11 @@ def _progress(total: int):
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Per (depth, seq): activation ratios to full / lora / lora_ckpt / lora_ckpt_chunked, time ratios to lora / lora_ckpt."""
+    """Per (depth, seq): activation ratios to full / lora / lora_ckpt / lora_ckpt_chunked, time ratios to lora / lora_ckpt.
+
+    A time ratio of two methods timed in turn (both rows carry `step_times`, one per round) is the median of
+    the rounds' ratios, with their range in `<key>_min` / `<key>_max`: a round compares the two methods under
+    the same machine load, so a load that drifts during the run does not move it as it moves each median."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["depth"], r["seq"]), {})[r["method"]] = r
@@ -383,12 +387,26 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         group = groups[(r["depth"], r["seq"])]
         for key, base, field in (("ratio_full", "full", "activation_mib"), ("ratio_lora", "lora", "activation_mib"),
                                  ("ratio_lora_ckpt", "lora_ckpt", "activation_mib"),
-                                 ("ratio_lora_ckpt_chunked", "lora_ckpt_chunked", "activation_mib"),
-                                 ("time_ratio_lora", "lora", "step_s"), ("time_ratio_lora_ckpt", "lora_ckpt", "step_s")):
+                                 ("ratio_lora_ckpt_chunked", "lora_ckpt_chunked", "activation_mib")):
             b = group.get(base)
             ok = r["status"] == "ok" and b is not None and b["status"] == "ok" and b[field] > 0
             r[key] = r[field] / b[field] if ok else None
+        for key, base in (("time_ratio_lora", "lora"), ("time_ratio_lora_ckpt", "lora_ckpt")):
+            r.update(_time_ratio(r, group.get(base), key))
     return rows
+
+
+def _time_ratio(row: dict, base: dict | None, key: str) -> dict:
+    """{key: ratio of row's step time to base's} (None when either has none), plus `key`_min / `key`_max
+    from the per-round ratios when both were timed in the same rounds."""
+    ok = row["status"] == "ok" and base is not None and base["status"] == "ok" and base.get("step_s", 0) > 0
+    if not ok or "step_s" not in row:
+        return {key: None}
+    mine, theirs = row.get("step_times"), base.get("step_times")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return {key: row["step_s"] / base["step_s"]}
+    per_round = [a / b for a, b in zip(mine, theirs)]
+    return {key: statistics.median(per_round), f"{key}_min": min(per_round), f"{key}_max": max(per_round)}
 
 
 def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch: int, dtype="float32",
@@ -401,9 +419,11 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
     arch "bert" or "llama" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
     hidden). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
     "unavailable: ..."), note, trainable_params, and when ok activation_mib, peak_mib, retained_mib,
-    saved_mib (live bytes between forward and backward), step_s, the activation ratios ratio_full,
-    ratio_lora, ratio_lora_ckpt, ratio_lora_ckpt_chunked and the time ratios time_ratio_lora,
-    time_ratio_lora_ckpt (None where the base method is missing).
+    saved_mib (live bytes between forward and backward), step_s (median), step_s_min, step_s_max,
+    step_times (one per round, when timed in turn), the activation ratios ratio_full, ratio_lora,
+    ratio_lora_ckpt, ratio_lora_ckpt_chunked and the time ratios time_ratio_lora, time_ratio_lora_ckpt
+    (None where the base method is missing; in turn: the median of the rounds' ratios, their range in
+    time_ratio_*_min / _max — see `add_ratios`).
     With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -466,7 +486,7 @@ def _time_in_turn(rows: list[dict], repeats: int, device, write) -> None:
     for r in rows:
         if r["method"] in times:
             t = times[r["method"]]
-            r.update(step_s=statistics.median(t), step_s_min=min(t), step_s_max=max(t))
+            r.update(step_s=statistics.median(t), step_s_min=min(t), step_s_max=max(t), step_times=list(t))
     write(f"  step times, {len(steps)} methods in turn × {repeats}: " + ", ".join(
         f"{m} {statistics.median(t):.3f} s" for m, t in times.items()))
 
@@ -505,6 +525,14 @@ def _fmt(x, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _ratio_cell(row: dict, key: str) -> str:
+    """A time ratio, followed by its rounds' range when it has one: "0.96 (0.91–1.02)"."""
+    cell = _fmt(row.get(key), ".2f")
+    if row.get(f"{key}_min") is not None and row.get(f"{key}_max") is not None:
+        cell += f" ({row[f'{key}_min']:.2f}–{row[f'{key}_max']:.2f})"
+    return cell
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table, one line per (depth, seq, method)."""
     lines = ["| depth | seq | method | activation MiB | × full | × LoRA | × LoRA+ckpt | × LoRA+ckpt+chunked "
@@ -519,8 +547,8 @@ def format_table(rows: list[dict]) -> str:
             _fmt(r.get("activation_mib") if ok else None, ".2f"),
             _fmt(r.get("ratio_full"), ".3f"), _fmt(r.get("ratio_lora"), ".3f"), _fmt(r.get("ratio_lora_ckpt"), ".3f"),
             _fmt(r.get("ratio_lora_ckpt_chunked"), ".3f"), _fmt(r.get("saved_mib") if ok else None, ".2f"),
-            _fmt(r.get("step_s") if ok else None, ".3f"), _fmt(r.get("time_ratio_lora"), ".2f"),
-            _fmt(r.get("time_ratio_lora_ckpt"), ".2f"),
+            _fmt(r.get("step_s") if ok else None, ".3f"), _ratio_cell(r, "time_ratio_lora"),
+            _ratio_cell(r, "time_ratio_lora_ckpt"),
             _fmt(r.get("trainable_params"), ","), note]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -539,8 +567,9 @@ def format_report(rows: list[dict]) -> str:
         "Activation memory = peak live tensor bytes during one forward+backward step minus the bytes the step "
         "leaves behind, measured after a warm-up step with gradients zeroed in place (so .grad buffers, "
         "parameters and inputs are not counted). Ratios are per (depth, seq). Step time: median of forward + "
-        "backward (no optimizer). For full fine-tuning the peak includes transient gradient temporaries "
-        "(notably the dense vocab × hidden embedding gradient before it is added into .grad). "
+        "backward (no optimizer). Timed in turn (the default), a time ratio is the median of the rounds' "
+        "ratios (each round runs every method once), their range in parentheses. For full fine-tuning the "
+        "peak includes transient gradient temporaries (notably the dense vocab × hidden embedding gradient before it is added into .grad). "
         "Saved MiB: bytes the forward leaves alive for the backward (measured separately); a method can save "
         "little and still peak high if its backward recomputes everything at once.",
         "",

@@ -148,3 +148,23 @@ def test_decoder_bench_at_tiny_size_chunks_the_head():
         assert by[chunked]["activation_mib"] < by["lora_ckpt"]["activation_mib"] - logits_mib, chunked
     assert by["meft3_float"]["ratio_lora_ckpt_chunked"] == by["meft3_float"]["activation_mib"] / by[
         "lora_ckpt_chunked"]["activation_mib"]
+
+
+def test_time_ratios_pair_the_rounds():
+    """Timed in turn, a time ratio is the median of the per-round ratios (not the ratio of the medians),
+    with its range; without per-round times it is the ratio of the step times."""
+    def row(method, times):
+        return {"depth": 1, "seq": 16, "method": method, "status": "ok", "activation_mib": 1.0,
+                "step_s": sorted(times)[len(times) // 2], "step_times": times}
+
+    # the machine slows down in rounds 2 and 3: both methods slow alike, method "m" stays 0.9x in every round
+    base, mine = row("lora_ckpt", [1.0, 2.0, 2.0]), row("m", [0.9, 1.8, 1.8])
+    mine["step_s"] = 1.8 * 1.2  # a median moved by a round set of its own: the paired ratio ignores it
+    bench.add_ratios([base, mine])
+    assert math.isclose(mine["time_ratio_lora_ckpt"], 0.9)
+    assert math.isclose(mine["time_ratio_lora_ckpt_min"], 0.9) and math.isclose(mine["time_ratio_lora_ckpt_max"], 0.9)
+    assert "| 1.00 (1.00–1.00) |" in bench.format_table([base]) and "0.90 (0.90–0.90)" in bench.format_table([mine])
+
+    lone = row("m", [1.5]); del lone["step_times"]
+    bench.add_ratios([row("lora_ckpt", [1.0, 1.0]), lone])
+    assert math.isclose(lone["time_ratio_lora_ckpt"], 1.5) and "time_ratio_lora_ckpt_min" not in lone
