@@ -5,6 +5,8 @@
     llama  LlamaForCausalLM: heads = hidden / 64 unless given, kv heads = heads unless given,
            intermediate 8/3·hidden rounded up to a multiple of 32 unless given, labels = input_ids
            (the model shifts them); LoRA on q_proj, v_proj.
+
+The LoRA baselines use r=8, alpha 16 and dropout `lora_dropout` (0.1 unless given).
 """
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ class BenchModel:
     heads: int | None = None
     kv_heads: int | None = None
     intermediate: int | None = None
+    #: the LoRA baselines' dropout on the adapted layers' inputs (PEFT's own default is 0.0)
+    lora_dropout: float = 0.1
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1) (the LoRA baselines' dropout "
+                             "probability; PEFT's default is 0.0)")
         if self.hidden % self.num_heads:
             raise ValueError(f"heads={self.num_heads} must divide hidden={self.hidden}")
         if self.num_heads % self.num_kv_heads:

@@ -115,10 +115,10 @@ def _lora(model, spec: BenchModel, checkpointing: bool):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         cfg = LoraConfig(task_type=getattr(TaskType, spec.lora_task), r=LORA_RANK, lora_alpha=2 * LORA_RANK,
-                         lora_dropout=0.1, target_modules=spec.lora_targets)
+                         lora_dropout=spec.lora_dropout, target_modules=spec.lora_targets)
         peft_model = get_peft_model(model, cfg)
     head = "; classifier trainable" if spec.arch == "bert" else ""
-    return peft_model, f"LoRA r=8 on {','.join(spec.lora_targets)}{head}" + (
+    return peft_model, f"LoRA r=8 on {','.join(spec.lora_targets)}, dropout {spec.lora_dropout:g}{head}" + (
         "; gradient checkpointing (non-reentrant)" if checkpointing else "")
 
 
@@ -413,11 +413,11 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
                   device="cpu", methods=None, repeats: int = 3, out: str | os.PathLike | None = None, *,
                   vocab: int = 30522, seed: int = SEED, compile_timeout: float | None = 600.0,
                   progress: bool = True, arch: str = "bert", heads: int | None = None, kv_heads: int | None = None,
-                  intermediate: int | None = None, alternate: bool = True) -> list[dict]:
+                  intermediate: int | None = None, alternate: bool = True, lora_dropout: float = 0.1) -> list[dict]:
     """Run every method at every (depth, seq); return one dict per measurement.
 
     arch "bert" or "llama" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
-    hidden). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
+    hidden); `lora_dropout`: the LoRA baselines' dropout (PEFT's default is 0.0). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
     "unavailable: ..."), note, trainable_params, and when ok activation_mib, peak_mib, retained_mib,
     saved_mib (live bytes between forward and backward), step_s (median), step_s_min, step_s_max,
     step_times (one per round, when timed in turn), the activation ratios ratio_full, ratio_lora,
@@ -427,7 +427,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
     With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate)
+    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate, lora_dropout)
     methods = expand_methods(methods)
     depths, seqs = [int(d) for d in depths], [int(s) for s in seqs]
     rows: list[dict] = []
@@ -659,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="dropout of the LoRA baselines' adapters (default 0.1; PEFT's own default is 0.0)")
     p.add_argument("--compile-timeout", type=float, default=600.0,
                    help="seconds before compile_budget0 is given up (0: no limit)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -676,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,
                          expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
                          compile_timeout=args.compile_timeout or None, arch=args.arch, heads=args.heads,
-                         kv_heads=args.kv_heads, intermediate=args.intermediate, alternate=args.alternate)
+                         kv_heads=args.kv_heads, intermediate=args.intermediate, alternate=args.alternate,
+                         lora_dropout=args.lora_dropout)
     sys.stdout.write(format_report(rows))
     return rows
 

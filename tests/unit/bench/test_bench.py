@@ -168,3 +168,23 @@ def test_time_ratios_pair_the_rounds():
     lone = row("m", [1.5]); del lone["step_times"]
     bench.add_ratios([row("lora_ckpt", [1.0, 1.0]), lone])
     assert math.isclose(lone["time_ratio_lora_ckpt"], 1.5) and "time_ratio_lora_ckpt_min" not in lone
+
+
+def test_lora_dropout_is_a_setting_of_the_lora_baselines():
+    import torch
+    from torch import nn
+
+    from meft_fx.bench.models import BenchModel
+
+    (row,) = bench.run_benchmark(depths=[1], methods=["lora"], lora_dropout=0.0, **TINY)
+    assert _ok(row) and row["note"] == "LoRA r=8 on query,value, dropout 0; classifier trainable"
+    for p, kind in ((0.0, nn.Identity), (0.3, nn.Dropout)):
+        spec = BenchModel("bert", 32, 100, lora_dropout=p)
+        model = spec.build(spec.config(1, 16), torch.float32, "cpu", 0)
+        peft_model, note = bench._lora(model, spec, checkpointing=False)
+        drops = [m for name, m in peft_model.named_modules() if name.endswith("lora_dropout.default")]
+        assert drops and all(type(m) is kind for m in drops) and f"dropout {p:g}" in note
+        if p:
+            assert all(m.p == p for m in drops)
+    with pytest.raises(ValueError, match=r"lora_dropout=1\.0 must be in \[0, 1\)"):
+        BenchModel("bert", 32, 100, lora_dropout=1.0)
