@@ -144,7 +144,7 @@ class MEFTConfig:
         loss_chunk_bytes: bytes of logits per chunk (default 4 MiB: 32 tokens of a 32000-word
             vocabulary in fp32); rows per chunk = loss_chunk_bytes / (vocabulary · itemsize).
         recompute_chunk_bytes: position-wise halves (the FFN sub-block and its adapter under MEFT3, when
-            it reads nothing but the stream) run over the tokens in chunks whose widest activation (the
+            it reads nothing but the stream and per-feature values such as a norm's weight) run over the tokens in chunks whose widest activation (the
             FFN's intermediate) takes at most this many bytes — in the forward, the backward's recompute
             and the reference alike — so the backward's working set is bounded (default 3 MiB; 0: never
             chunk). Dropout masks inside such a block are drawn chunk by chunk (same distribution).

@@ -1,7 +1,8 @@
 """Position-wise blocks (FFN, norms, adapters) run over the tokens in chunks: a bounded working set.
 
-A block that treats every token alone — an FFN sub-block reading no context — gives the same
-rows whether it sees all tokens at once or a few at a time. Every program of a coupling runs such
+A block that treats every token alone — an FFN sub-block, reading at most context that is the same
+for every token (a norm's weight), which each chunk gets whole — gives the same rows whether it sees
+all tokens at once or a few at a time. Every program of a coupling runs such
 a half through `run_in_chunks` (forward, inverse, the `reversible=False` reference) and the
 backward through `vjp_in_chunks`, so the widest intermediate alive is `chunk_bytes`, not
 tokens × width. Chunks are consecutive rows in row-major order and every path runs them in the
@@ -63,27 +64,31 @@ def _output_rows(x: torch.Tensor, first: torch.Tensor, reuse_input: bool) -> tor
     return first.new_empty((x.numel() // x.shape[-1], first.shape[-1]))
 
 
-def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, reuse_input: bool = False):
-    """`block(x)` for a position-wise `block`, `plan.rows(x)` tokens at a time (one call when they fit).
+def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, *context, reuse_input: bool = False):
+    """`block(x, *context)` for a position-wise `block`, `plan.rows(x)` tokens at a time (one call when they
+    fit); every chunk gets `context` whole (values that are the same for every token).
 
     `reuse_input=True` (x is a temporary of the caller's, no gradient through it): the output is
     written over x chunk by chunk, so no second tensor of x's size exists."""
     flat, rows = _rows(x), plan.rows(x, _compiled(block))
     if flat.shape[0] <= rows:
-        return block(x)
+        return block(x, *context)
     reuse_input = reuse_input and not (torch.is_grad_enabled() and x.requires_grad)
     out = None
     for s in range(0, flat.shape[0], rows):
-        o = _rows(block(flat[s:s + rows].unsqueeze(0)))
+        o = _rows(block(flat[s:s + rows].unsqueeze(0), *context))
         out = _output_rows(x, o, reuse_input) if out is None else out
         out[s:s + rows] = o
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Tensor, params, plan: ChunkPlan,
-                  input_grad: bool = True, reuse_input: bool = False, grad_into: torch.Tensor | None = None):
-    """(block(x) detached, d x, parameter grads) chunk by chunk: each chunk recomputed and back-propagated
-    before the next, so one chunk's activations are alive at a time. The caller restores RNG and autocast.
+                  input_grad: bool = True, reuse_input: bool = False, grad_into: torch.Tensor | None = None,
+                  context: tuple = ()):
+    """(block(x, *context) detached, d x, grads of `params`) chunk by chunk: each chunk recomputed and
+    back-propagated before the next, so one chunk's activations are alive at a time. The caller restores
+    RNG and autocast. `params`: the tensors to differentiate besides x (parameters, and context tensors
+    that need a gradient: each chunk's share is summed).
 
     `input_grad=False`: d x is not computed (None); autograd stops at the parameters.
     `reuse_input=True`: x is the caller's temporary; the output is written over x's rows once their chunk
@@ -91,11 +96,11 @@ def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Ten
     Neither keeps a list of chunks to concatenate, so the working set is one chunk's."""
     flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x, _compiled(block))
     if flat.shape[0] <= rows:  # one call, shaped as the forward called it
-        return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into)
+        return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context)
     out, d_in, per_chunk = None, None, []
     for s in range(0, flat.shape[0], rows):
         leaf = flat[s:s + rows].unsqueeze(0).detach().requires_grad_(input_grad)
-        o, g, pg = _chunk_vjp(block, leaf_input, leaf, cot[s:s + rows], params, input_grad)
+        o, g, pg = _chunk_vjp(block, leaf_input, leaf, cot[s:s + rows], params, input_grad, context)
         out = _output_rows(x, o, reuse_input) if out is None else out
         out[s:s + rows] = o
         if g is not None:
@@ -112,11 +117,11 @@ def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Ten
     return out.reshape(*x.shape[:-1], out.shape[-1]), d_x, grads
 
 
-def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool):
+def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool, context: tuple = ()):
     """(output rows, d leaf rows or None, parameter grads) of one chunk. Its cotangent is handed ahead to a
     sliced FFN inside (`meft_fx.nn.sliced_ffn`), which then back-propagates while it recomputes."""
     with cotangent_ahead(cot_rows):
-        out = block(leaf if leaf_input else leaf.view_as(leaf))
+        out = block(leaf if leaf_input else leaf.view_as(leaf), *context)
     wrt = [leaf, *params] if input_grad else list(params)
     g = (torch.autograd.grad(out, wrt, cot_rows.reshape(out.shape).to(out.dtype), allow_unused=True)
          if out.requires_grad else [None] * len(wrt))
@@ -124,9 +129,9 @@ def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool
     return _rows(out.detach()), d_leaf, (g[1:] if input_grad else g)
 
 
-def _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into):
+def _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context=()):
     leaf = x.detach().requires_grad_(input_grad)
-    out, d_leaf, grads = _chunk_vjp(block, leaf_input, leaf, _rows(cotangent), params, input_grad)
+    out, d_leaf, grads = _chunk_vjp(block, leaf_input, leaf, _rows(cotangent), params, input_grad, context)
     d_x = None if d_leaf is None else d_leaf.reshape(x.shape)
     if grad_into is not None:
         d_x = grad_into if d_x is None else grad_into.add_(d_x)

@@ -81,7 +81,7 @@ class _Emitter:
         plan = self.plan(half)
         if plan is not None:  # position-wise: in chunks of tokens (meft_fx.runtime.chunks)
             block = self.g.create_node("get_attr", half, name=f"{half.lower()}_block")
-            return self.g.create_node("call_function", run_in_chunks, (block, x, plan),
+            return self.g.create_node("call_function", run_in_chunks, (block, x, plan, *self.block_args(half)),
                                       {"reuse_input": self.arith.decodes_to_new}, name=half.lower())
         return self.g.create_node("call_module", half, (x, *self.block_args(half)), name=half.lower())
 

@@ -42,7 +42,8 @@ class Coupling(nn.Module):
     """y1 = λ·x1 + F(x2); y2 = β·x2 + G(y1); optionally swap. F and G take (stream, *their context).
 
     `f_context`/`g_context` are the positions, in the stack's context, of what F and G read.
-    `chunks`: {"F" or "G": ChunkPlan} for a position-wise half without context, run in chunks of tokens.
+    `chunks`: {"F" or "G": ChunkPlan} for a position-wise half, run in chunks of tokens (its context, if any,
+    must be the same for every token: each chunk takes it whole).
     Calling the module runs the float equations (`forward`); the stack runs `program(...)`.
     """
 
@@ -56,25 +57,23 @@ class Coupling(nn.Module):
         self.lam, self.beta, self.swap = float(lam), float(beta), bool(swap)
         self.f_context, self.g_context = tuple(f_context), tuple(g_context)
         self.record = record or CouplingRecord()
-        self.chunks = dict(chunks or {})  # {"F"/"G": ChunkPlan} for position-wise halves without context
+        # {"F"/"G": ChunkPlan} for position-wise halves; the context such a half reads is the same for every
+        # token (e.g. a norm's weight), and every chunk gets it whole
+        self.chunks = dict(chunks or {})
         for half, plan in self.chunks.items():
             if half not in ("F", "G") or not isinstance(plan, ChunkPlan):
                 raise ValueError(f"chunks: expected {{'F' or 'G': ChunkPlan}}, got {half!r}: {plan!r}")
-            if (self.f_context if half == "F" else self.g_context):
-                raise ValueError(f"chunks: {half} reads context; only a position-wise half without context runs in chunks")
         self.__dict__["_programs"] = {}
 
     def f(self, x2, context):
         """F(x2) as every program calls it (in chunks of tokens when `chunks` has F)."""
-        if "F" in self.chunks:
-            return run_in_chunks(self.F, x2, self.chunks["F"])
-        return self.F(x2, *[context[i] for i in self.f_context])
+        ctx = [context[i] for i in self.f_context]
+        return run_in_chunks(self.F, x2, self.chunks["F"], *ctx) if "F" in self.chunks else self.F(x2, *ctx)
 
     def g(self, y1, context):
         """G(y1) as every program calls it (in chunks of tokens when `chunks` has G)."""
-        if "G" in self.chunks:
-            return run_in_chunks(self.G, y1, self.chunks["G"])
-        return self.G(y1, *[context[i] for i in self.g_context])
+        ctx = [context[i] for i in self.g_context]
+        return run_in_chunks(self.G, y1, self.chunks["G"], *ctx) if "G" in self.chunks else self.G(y1, *ctx)
 
     def forward(self, x1, x2, context=()):
         """(y1, y2) of the float equations (streams swapped like the stack swaps them)."""

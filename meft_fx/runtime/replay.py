@@ -100,16 +100,17 @@ def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tens
     replay = rng.replay() if rng is not None else contextlib.nullcontext()
     if cotangent is None:
         with torch.no_grad(), replay, tape.autocast.restore():
-            out = block(stream, *context) if chunk is None else run_in_chunks(block, stream, chunk, reuse_input)
+            out = (block(stream, *context) if chunk is None
+                   else run_in_chunks(block, stream, chunk, *context, reuse_input=reuse_input))
         return out, grad_into
     params = [p for p in block.parameters() if p.requires_grad]
+    ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
     if chunk is not None:
         with torch.enable_grad(), replay, tape.autocast.restore():
-            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, params, chunk, input_grad,
-                                             reuse_input, grad_into)
-        tape.grads.add(zip(params, grads))
+            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, [*params, *ctx], chunk,
+                                             input_grad, reuse_input, grad_into, context)
+        tape.grads.add(zip([*params, *ctx], grads))
         return out, d_in
-    ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
     with torch.enable_grad(), replay, tape.autocast.restore():
         leaf = stream.detach().requires_grad_(input_grad)
         out = block(leaf if tape.leaf_input else leaf.view_as(leaf), *context)

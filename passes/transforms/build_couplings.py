@@ -78,12 +78,22 @@ class _StackCutter:
         sub, idx = self.cut(start, end, f"Layer{li}{suffix}")
         return sub, idx, mine
 
+    def per_feature(self, position: int) -> bool:
+        """Is context value `position` the same for every token: a tensor of shape (), (dim,) or (1, ..., 1, dim)
+        with concrete sizes (a norm's weight computed outside the layer, e.g. Gemma's 1 + w)? Sizes, masks and
+        position tables are not: a chunk of tokens cannot take them whole."""
+        shape = tensor_shape(self.context[position])
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return False
+        return len(shape) == 0 or (shape[-1] in (1, self.dim) and all(d == 1 for d in shape[:-1]))
+
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
-        """A ChunkPlan for a position-wise half (the FFN) that reads no context; None otherwise. A reversible
-        half's gated FFN runs in slices of its width (`sliced_ffn`): the token chunks are then sized by the
-        other parameters, except when the half is compiled (`compiled_width`: the plain ops run there)."""
+        """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is per feature (every chunk gets
+        it whole); None otherwise. A reversible half's gated FFN runs in slices of its width (`sliced_ffn`): the
+        token chunks are then sized by the other parameters, except when the half is compiled (`compiled_width`:
+        the plain ops run there)."""
         budget = self.config.recompute_chunk_bytes
-        if role != "ffn" or context or not budget or isinstance(module, NoUpdate):
+        if role != "ffn" or not budget or isinstance(module, NoUpdate) or not all(map(self.per_feature, context)):
             return None
         sliced = sliced_ffn(module, budget) if self.config.reversible and isinstance(module, fx.GraphModule) else set()
         named = dict(module.named_parameters())

@@ -114,3 +114,31 @@ def test_a_chunk_bound_shrinks_the_backward_working_set():
     # unbounded: several (512 tokens × 2048) fp32 intermediates (4 MiB each) alive in the recompute; bounded,
     # the gated FFN runs in slices of its width (sliced_ffn), the rest of the half in token chunks
     assert peaks[True] < peaks[False] - 8 * 2 ** 20, peaks
+
+
+class _Scaled(nn.Module):
+    """mlp(x · w): a position-wise block reading a per-feature context w."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _mlp()
+
+    def forward(self, x, w):
+        return self.mlp(x * w)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 8), (1, 1, 8)])
+def test_chunks_take_a_per_feature_context_whole(shape):
+    """Each chunk gets the context whole; its gradient is the sum of the chunks' shares."""
+    block, plan = _Scaled(), ChunkPlan(width=32, chunk_bytes=3 * 32 * 8)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(*shape, dtype=torch.float64)
+    ref = block(x, w)
+    params = [*block.parameters(), w]
+    ref_grads = torch.autograd.grad(ref, [x, *params], cot)
+    torch.testing.assert_close(run_in_chunks(block, x, plan, w), ref, rtol=1e-14, atol=1e-14)
+    out, dx, grads = vjp_in_chunks(block, True, x, cot, params, plan, context=(w,))
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-14, atol=1e-14)
+    for a, b in zip(ref_grads, [dx, *grads]):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14)

@@ -70,3 +70,69 @@ def test_context_is_passed_to_the_blocks_that_read_it():
     # rotary cos/sin and the mask are context of attention, not of the FFN
     assert all(len(c.f_context) >= 2 for c in stack.couplings)
     assert all(len(c.g_context) == 0 for c in stack.couplings)
+
+
+def _gemma():
+    import transformers as tf
+    cfg = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=128, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, use_cache=False)
+    torch.manual_seed(0)
+    return tf.GemmaForCausalLM(cfg).double()
+
+
+def _grads(model, inputs):
+    torch.manual_seed(7)  # the adapters' dropout: the same masks for both models
+    loss = model(**inputs).loss
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return loss, dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
+
+
+def test_an_ffn_reading_a_per_feature_context_runs_in_chunks():
+    """Gemma's RMSNorm scales by 1 + w, computed outside the layer: the FFN half reads it as context. Such a
+    value is the same for every token, so the half still runs in chunks (here: slices of its FFN, then token
+    chunks), every chunk taking it whole — with the gradients of the unchunked program."""
+    import copy
+
+    import meft_fx
+    from meft_fx.nn.sliced_ffn import sliced_gated_ffn
+    from tests.support.architectures import _token_inputs
+
+    inputs = _token_inputs(3, 2, 9, vocab=128)
+    config = dict(recompute_chunk_bytes=4 * 8 * 32, chunk_loss=False)  # 4 fp64 tokens of the hidden width per chunk
+    ref = meft_fx.convert(copy.deepcopy(_gemma()), meft_fx.MEFTConfig(reversible=False, **config)).train()
+    rev = meft_fx.convert(_gemma(), meft_fx.MEFTConfig(**config)).train()
+    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+    for c in stack.couplings:
+        assert c.g_context and "G" in c.chunks  # reads context, runs in chunks
+        assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
+    assert "run_in_chunks(g_block, g_in, g_chunks, ctx_" in stack.program(0, "forward", torch.float64).code
+    loss, grads = _grads(rev, inputs)
+    ref_loss, ref_grads = _grads(ref, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("shape, ok", [((), True), ((32,), True), ((1, 1, 32), True), ((1, 1, 1), True),
+                                       ((2, 1, 32), False), ((1, 9, 32), False), ((1, 1, 9), False), (None, False)])
+def test_only_per_feature_context_lets_a_half_run_in_chunks(shape, ok):
+    """A chunk of tokens takes its context whole: a size, a mask or a per-token table cannot be."""
+    import types
+
+    import torch.fx as fx
+
+    from meft_fx.passes.transforms.build_couplings import _StackCutter
+
+    node = fx.Graph().placeholder("ctx")
+    node.meta["val"] = torch.empty(shape) if shape is not None else 9  # 9: a size (an int, as a SymInt would be)
+    cutter = types.SimpleNamespace(context=[node], dim=32)
+    assert _StackCutter.per_feature(cutter, 0) is ok
+
+
+def test_an_ffn_reading_sizes_keeps_its_tokens_whole():
+    """GPT-2's FFN reshapes with the batch and sequence sizes (context SymInts): it is not chunked."""
+    _, _, _, gm, _ = _build("meft3", "gpt2")
+    stack = next(m for m in gm.modules() if isinstance(m, ReversibleStack))
+    assert all(c.g_context and "G" not in c.chunks for c in stack.couplings)
