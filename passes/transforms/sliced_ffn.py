@@ -4,7 +4,8 @@ In a position-wise half (the FFN sub-block a reversible backward recomputes), th
 
     down = linear(gated_act(linear(x, W_gate), linear(x, W_up), kind), W_down)
 
-whose output reaches the half's output only through additions (and casts) becomes one call of
+(or with gate and up fused in one weight, `gate, up = linear(x, W_gate_up).chunk(2, -1)` as Phi-3 has it:
+the two halves of W_gate_up are then views of it) whose output reaches the half's output only through additions (and casts) becomes one call of
 `meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
 each slice of the intermediate units runs over all tokens, its tensors within `chunk_bytes`, and in the
 backward's recompute each slice makes its share of d x at once (see that module). The half then needs no
@@ -13,13 +14,15 @@ chunks by what is left (the compiled path, which runs the plain ops, keeps token
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from meft_fx.nn.gated import gated_act
 from meft_fx.nn.sliced_ffn import sliced_gated_ffn
 
-from ..fx.provenance import replace_node
+from ..fx.provenance import replace_node, stamp
 
 PASS = "sliced_ffn"
 _LINEAR = {torch.ops.aten.linear.default}
@@ -52,18 +55,57 @@ def _bias_free_linear(n, only_user) -> tuple | None:
     return n.args
 
 
-def _match(down: fx.Node):
-    """(x, w_gate, w_up, w_down, kind, nodes to erase) when `down` ends a bias-free gated FFN, else None."""
+def _fused_halves(a: fx.Node, b: fx.Node, g: fx.Node):
+    """(x, weight, half of a, half of b, nodes to erase) when a, b are the two halves of `linear(x, W).chunk(2, -1)`
+    used only by `g`, else None."""
+    if not all(n.op == "call_function" and n.target is operator.getitem and set(n.users) == {g} for n in (a, b)):
+        return None
+    chunk = a.args[0]
+    if chunk is not b.args[0] or chunk.op != "call_function" or chunk.target is not torch.ops.aten.chunk.default:
+        return None
+    rank = len(getattr(chunk.args[0].meta.get("val"), "shape", ()))
+    if chunk.args[1:] not in ((2, -1), (2, rank - 1)) or {a.args[1], b.args[1]} != {0, 1} or set(chunk.users) != {a, b}:
+        return None
+    lin = _bias_free_linear(chunk.args[0], chunk)
+    return None if lin is None else (lin[0], lin[1], a.args[1], b.args[1], (a, b, chunk, chunk.args[0]))
+
+
+def _rows(gm: fx.GraphModule, w: fx.Node) -> int | None:
+    """The row count of parameter `w` (a get_attr node), or None when it is not a parameter."""
+    try:
+        return gm.get_parameter(w.target).shape[0]
+    except AttributeError:
+        return None
+
+
+def _half_of(gm: fx.GraphModule, w: fx.Node, half: int, before: fx.Node) -> fx.Node:
+    """A node of rows `half` (0: the first, 1: the second) of weight `w` (a view: no copy)."""
+    rows = _rows(gm, w) // 2
+    with gm.graph.inserting_before(before):
+        return stamp(gm.graph.call_function(torch.ops.aten.slice.Tensor, (w, 0, half * rows, (half + 1) * rows)), PASS)
+
+
+def _match(gm: fx.GraphModule, down: fx.Node):
+    """(x, w_gate, w_up, w_down, kind, nodes to erase, weights read) when `down` ends a bias-free gated FFN,
+    else None."""
     lin = _bias_free_linear(down, next(iter(down.users), None)) if len(down.users) == 1 else None
     if lin is None or down.args[1].op != "get_attr" or not _reaches_output_by_adds(down):
         return None  # (elsewhere, e.g. before a post-norm, the cotangent offered ahead would not be its own)
     g = lin[0]
     if g.op != "call_function" or g.target is not gated_act or set(g.users) != {down} or len(g.args) != 3:
         return None
-    a, b = _bias_free_linear(g.args[0], g), _bias_free_linear(g.args[1], g)
-    if a is None or b is None or a[0] is not b[0] or g.args[0] is g.args[1]:
+    if g.args[0] is g.args[1]:
         return None
-    return a[0], a[1], b[1], down.args[1], g.args[2], (g, g.args[0], g.args[1])
+    fused = _fused_halves(g.args[0], g.args[1], g)
+    if fused is not None and (_rows(gm, fused[1]) or 1) % 2 == 0:
+        x, w, ha, hb, dead = fused
+        wa, wb = _half_of(gm, w, ha, down), _half_of(gm, w, hb, down)
+        return x, wa, wb, down.args[1], g.args[2], (g, *dead), {w.target, down.args[1].target}
+    a, b = _bias_free_linear(g.args[0], g), _bias_free_linear(g.args[1], g)
+    if a is None or b is None or a[0] is not b[0]:
+        return None
+    return a[0], a[1], b[1], down.args[1], g.args[2], (g, g.args[0], g.args[1]), {a[1].target, b[1].target,
+                                                                                    down.args[1].target}
 
 
 def sliced_ffn(gm: fx.GraphModule, chunk_bytes: int) -> set:
@@ -71,14 +113,14 @@ def sliced_ffn(gm: fx.GraphModule, chunk_bytes: int) -> set:
     parameter targets the sliced calls read (their widths no longer bound the half's token chunks)."""
     taken = set()
     for down in list(gm.graph.nodes):
-        m = _match(down) if down.op == "call_function" and down.target in _LINEAR else None
+        m = _match(gm, down) if down.op == "call_function" and down.target in _LINEAR else None
         if m is None:
             continue
-        x, wg, wu, wd, kind, dead = m
+        x, wg, wu, wd, kind, dead, weights = m
         replace_node(gm, down, "call_function", sliced_gated_ffn, (x, wg, wu, wd, kind, int(chunk_bytes)), PASS)
         for n in dead:
             gm.graph.erase_node(n)
-        taken |= {wg.target, wu.target, wd.target}
+        taken |= weights
     if taken:
         gm.graph.lint()
         gm.recompile()

@@ -105,3 +105,61 @@ def test_a_converted_decoder_slices_its_ffns_and_keeps_its_gradients(monkeypatch
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+class FusedGatedFFN(nn.Module):
+    """x + down(silu(gate) * up), gate, up = gate_up(x).chunk(2, -1) (Phi-3's fused projection)."""
+
+    def __init__(self, width=16, inner=48, rows=None):
+        super().__init__()
+        self.gate_up = nn.Linear(width, rows or 2 * inner, bias=False)
+        self.down = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(up * F.silu(gate))
+
+
+def test_a_fused_gate_up_projection_is_sliced_through_views_of_its_weight():
+    torch.manual_seed(0)
+    model, x = FusedGatedFFN().double(), torch.randn(2, 5, 16, dtype=torch.float64)
+    gm = _gated(model, x)
+    run = lambda: (lambda out: out[0] if isinstance(out, (tuple, list)) else out)(gm(x))  # noqa: E731
+    ref = run()
+    torch.testing.assert_close(ref, model(x), rtol=1e-12, atol=1e-12)
+    assert passes.sliced_ffn(gm, 64) == {"mod.gate_up.weight", "mod.down.weight"}
+    (call,) = [n for n in gm.graph.nodes if n.target is sliced_gated_ffn]
+    w_gate, w_up = call.args[1:3]
+    assert [(w.target, w.args[1:]) for w in (w_gate, w_up)] == [(aten.slice.Tensor, (0, 0, 48)),
+                                                                (aten.slice.Tensor, (0, 48, 96))]
+    assert not any(n.target in (aten.chunk.default, gated_act) for n in gm.graph.nodes)
+    torch.testing.assert_close(run(), ref, rtol=1e-12, atol=1e-12)
+
+
+def _phi3():
+    import transformers as tf
+    cfg = tf.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        use_cache=False)
+    torch.manual_seed(0)
+    return tf.Phi3ForCausalLM(cfg).double()
+
+
+def test_a_converted_phi3_slices_its_fused_ffns_and_keeps_its_gradients(monkeypatch):
+    inputs = _token_inputs(3, 2, 9, vocab=128)
+    config = dict(recompute_chunk_bytes=2 * 9 * 8 * 32, chunk_loss=False)  # the FFN's 64 units in 2 slices
+    ref = meft_fx.convert(copy.deepcopy(_phi3()), meft_fx.MEFTConfig(reversible=False, **config)).train()
+    rev = meft_fx.convert(_phi3(), meft_fx.MEFTConfig(**config)).train()
+    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+    for c in stack.couplings:
+        assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
+    passes_over_slices = []
+    real = sliced._forward_and_vjp
+    monkeypatch.setattr(sliced, "_forward_and_vjp", lambda *a: passes_over_slices.append(1) or real(*a))
+    loss, grads = _grads(rev, inputs)
+    assert len(passes_over_slices) == len(stack.couplings)  # the cotangent ahead was the FFN's own
+    ref_loss, ref_grads = _grads(ref, inputs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
