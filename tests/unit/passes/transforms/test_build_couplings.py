@@ -3,6 +3,7 @@ import torch
 
 from meft_fx import passes
 from architectures import make
+from grads import assert_same_grads, grads_of
 from helpers import captured
 from meft_fx import MEFTConfig
 from meft_fx.nn.adapter import Adapter
@@ -81,13 +82,6 @@ def _gemma():
     return tf.GemmaForCausalLM(cfg).double()
 
 
-def _grads(model, inputs):
-    torch.manual_seed(7)  # the adapters' dropout: the same masks for both models
-    loss = model(**inputs).loss
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return loss, dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
-
-
 def test_an_ffn_reading_a_per_feature_context_runs_in_chunks():
     """Gemma's RMSNorm scales by 1 + w, computed outside the layer: the FFN half reads it as context. Such a
     value is the same for every token, so the half still runs in chunks (here: slices of its FFN, then token
@@ -107,12 +101,10 @@ def test_an_ffn_reading_a_per_feature_context_runs_in_chunks():
         assert c.g_context and "G" in c.chunks  # reads context, runs in chunks
         assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
     assert "run_in_chunks(g_block, g_in, g_chunks, ctx_" in stack.program(0, "forward", torch.float64).code
-    loss, grads = _grads(rev, inputs)
-    ref_loss, ref_grads = _grads(ref, inputs)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
+    out, grads = grads_of(rev, inputs)  # the same seed, so the same adapter dropout masks
+    ref_out, ref_grads = grads_of(ref, inputs)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-10, atol=1e-12)
+    assert_same_grads(grads, ref_grads, 1e-8)
 
 
 @pytest.mark.parametrize("shape, ok", [((), True), ((32,), True), ((1, 1, 32), True), ((1, 1, 1), True),
