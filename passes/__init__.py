@@ -9,6 +9,7 @@
     analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
     transforms.insert_adapters      → paper adapters in every layer
     transforms.build_couplings      → each stack becomes one ReversibleStack call; in its FFN halves
+      transforms.local_sizes        → the batch/sequence sizes are read off the half's own input
       transforms.sliced_ffn         → a gated FFN runs in slices of its width, back-propagating as it recomputes
     transforms.chunk_head_loss      → a vocabulary head + cross-entropy in the program runs in chunks
 
@@ -26,13 +27,14 @@ from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.gated_activation import gated_activation
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
+from .transforms.local_sizes import local_sizes
 from .transforms.sliced_ffn import sliced_ffn
 from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
     "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "causal_masks",
-    "gated_activation", "sliced_ffn",
+    "gated_activation", "local_sizes", "sliced_ffn",
     "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

@@ -18,6 +18,7 @@ from ..fx.dataflow import data_dag, node_value, region, tensor_shape
 from ..fx.extraction import extract
 from ..fx.ops import graph_has_random
 from ..fx.provenance import describe, stamp
+from .local_sizes import local_sizes
 from .sliced_ffn import sliced_ffn
 
 PASS = "build_couplings"
@@ -76,6 +77,9 @@ class _StackCutter:
         blocks = tuple((u.label(layer.module), u.kind) for u in layer.units)
         start, end, mine, suffix = _ROLES[role](layer, blocks)
         sub, idx = self.cut(start, end, f"Layer{li}{suffix}")
+        if role == "ffn":  # position-wise: the sizes it reshapes to are its input's own (chunks of tokens)
+            gone = local_sizes(sub)
+            idx = [i for pos, i in enumerate(idx) if pos not in gone]
         return sub, idx, mine
 
     def per_feature(self, position: int) -> bool:

@@ -121,10 +121,3 @@ def test_only_per_feature_context_lets_a_half_run_in_chunks(shape, ok):
     node.meta["val"] = torch.empty(shape) if shape is not None else 9  # 9: a size (an int, as a SymInt would be)
     cutter = types.SimpleNamespace(context=[node], dim=32)
     assert _StackCutter.per_feature(cutter, 0) is ok
-
-
-def test_an_ffn_reading_sizes_keeps_its_tokens_whole():
-    """GPT-2's FFN reshapes with the batch and sequence sizes (context SymInts): it is not chunked."""
-    _, _, _, gm, _ = _build("meft3", "gpt2")
-    stack = next(m for m in gm.modules() if isinstance(m, ReversibleStack))
-    assert all(c.g_context and "G" not in c.chunks for c in stack.couplings)

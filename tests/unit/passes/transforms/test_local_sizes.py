@@ -1,0 +1,81 @@
+"""local_sizes: an FFN half that reshapes to the batch and sequence sizes reads them off its own input, so
+it runs in chunks of tokens (GPT-2, OPT), with the gradients of the whole half, call after call."""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from meft_fx import MEFTConfig, passes
+from meft_fx.runtime import ReversibleStack
+from architectures import make
+from grads import assert_same_grads, convert_pair, grads_of
+from helpers import captured
+
+
+def _stack(name, batch, seq):
+    arch = make(name, dtype=torch.float64, num_layers=2)
+    inputs = arch.make_inputs(batch, seq)
+    inputs.pop("labels", None)
+    gm, _ = captured(arch.model.eval(), inputs)
+    analysis = passes.group_layers(passes.find_residual_units(gm))
+    cfg = MEFTConfig(method="meft3")
+    gm = passes.build_couplings(passes.insert_adapters(gm, analysis, cfg), analysis, cfg)
+    return next(m for m in gm.modules() if isinstance(m, ReversibleStack))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_the_ffn_half_reads_its_sizes_off_its_input_and_runs_in_chunks(name):
+    stack = _stack(name, 2, 7)
+    for c in stack.couplings:
+        assert c.g_context == () and "G" in c.chunks
+        sizes = [n for n in c.G.graph.nodes if n.meta.get("meft_pass") == "local_sizes"]
+        assert sizes and all(n.target is torch.ops.aten.sym_size.int and n.args[0].op == "placeholder" for n in sizes)
+        assert len([n for n in c.G.graph.nodes if n.op == "placeholder"]) == 1  # the stream alone
+
+
+def _half(shape_syms, sizes):
+    """A half (stream, *sizes, w) -> (stream · w).view(*sizes, -1), with symbolic metas as a capture leaves them."""
+    g = fx.Graph()
+    x, *ctx = [g.placeholder(n) for n in ["stream", *[f"ctx_{i}" for i in range(len(sizes))], "w"]]
+    g.output(g.call_function(torch.ops.aten.view.default,
+                             (g.call_function(torch.ops.aten.mul.Tensor, (x, ctx[-1])), [*ctx[:-1], -1])))
+    env = ShapeEnv()
+    syms = {name: env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+            for name, hint in (("b", 3), ("s", 5))}
+    with FakeTensorMode(shape_env=env):
+        x.meta["val"] = torch.empty(*[syms[n] for n in shape_syms], 4)
+        ctx[-1].meta["val"] = torch.empty(4)
+    for node, name in zip(ctx, sizes):
+        node.meta["val"] = syms[name]
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_a_size_is_read_off_the_input_only_when_exactly_one_dimension_has_it():
+    half = _half(("b", "s"), ("b", "s"))
+    assert passes.local_sizes(half) == [0, 1]  # both sizes; the tensor context stays
+    assert [n.name for n in half.graph.nodes if n.op == "placeholder"] == ["stream", "w"]
+    x, w = torch.randn(1, 3, 4), torch.randn(4)  # a chunk: the view takes its own sizes
+    torch.testing.assert_close(half(x, w), x * w)
+    shared = _half(("b", "b"), ("b",))  # one symbol for both dimensions: which one the view meant is unknown
+    code = shared.code
+    assert passes.local_sizes(shared) == [] and shared.code == code
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_chunked_halves_give_the_whole_halves_gradients_call_after_call(name):
+    arch = make(name, dtype=torch.float64)
+    whole_model = copy.deepcopy(arch.model)
+    chunked, _ = convert_pair(arch.model, None, recompute_chunk_bytes=4 * 8 * 64, chunk_loss=False)
+    whole, _ = convert_pair(whole_model, None, recompute_chunk_bytes=0, chunk_loss=False)
+    assert all("G" in c.chunks for m in chunked.modules() if isinstance(m, ReversibleStack) for c in m.couplings)
+    chunked.eval(), whole.eval()  # no dropout: chunks draw their masks chunk by chunk
+    for batch, seq in ((3, 9), (1, 2), (2, 13)):  # padded, batch 1 (sequence 2: one next-token target), another length
+        inputs = arch.make_inputs(batch, seq)
+        out, grads = grads_of(chunked, inputs)
+        ref_out, ref_grads = grads_of(whole, inputs)
+        torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-12, atol=1e-14)
+        assert_same_grads(grads, ref_grads, 1e-12)
