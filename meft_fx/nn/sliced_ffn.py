@@ -78,8 +78,10 @@ class SlicedGatedFFN(torch.autograd.Function):
     """The FFN over 2-D rows x, weights without gradients; d x made ahead when the cotangent is known."""
 
     @staticmethod
-    def forward(ctx, x2, w_gate, w_up, w_down, kind, slices):
+    def forward(ctx, x2, w_gate, w_up, w_down, kind, slices, cot_scale=1.0):
         cot = take_cotangent(x2.shape[0], w_down.shape[0], x2.dtype)
+        if cot is not None and cot_scale != 1.0:
+            cot = cot * cot_scale  # what the scaled branch's MulBackward makes of it
         ctx.kind, ctx.slices, ctx.cot = kind, slices, cot
         dev = x2.device.type
         ctx.autocast = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
@@ -100,13 +102,15 @@ class SlicedGatedFFN(torch.autograd.Function):
             with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                 d_x = _forward_and_vjp(x2, w_gate, w_up, w_down, ctx.kind, ctx.slices, grad)[1]
         ctx.d_x = ctx.cot = None
-        return d_x, None, None, None, None, None
+        return d_x, None, None, None, None, None, None
 
 
 def sliced_gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                     kind: str = "silu", chunk_bytes: int = 3 << 20) -> torch.Tensor:
+                     kind: str = "silu", chunk_bytes: int = 3 << 20, cot_scale: float = 1.0) -> torch.Tensor:
     """`linear(act(linear(x, w_gate)) * linear(x, w_up), w_down)` (bias-free; act one of gated.ACTIVATIONS),
-    in slices of the intermediate width each of whose tensors takes at most `chunk_bytes`."""
+    in slices of the intermediate width each of whose tensors takes at most `chunk_bytes`. `cot_scale`: the
+    output reaches the block's output multiplied by this number (a scaled residual branch), so the
+    cotangent offered ahead is scaled by it before use."""
     if kind not in ACTIVATIONS:
         raise ValueError(f"sliced_gated_ffn: kind={kind!r}; expected one of {', '.join(map(repr, ACTIVATIONS))}")
     tokens = x.numel() // max(1, x.shape[-1])
@@ -116,7 +120,7 @@ def sliced_gated_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
         return F.linear(gated_act(F.linear(x, w_gate), F.linear(x, w_up), kind), w_down)
     x2 = x.reshape(tokens, x.shape[-1])
     if torch.is_grad_enabled() and x.requires_grad:
-        out = SlicedGatedFFN.apply(x2, w_gate, w_up, w_down, kind, slices)
+        out = SlicedGatedFFN.apply(x2, w_gate, w_up, w_down, kind, slices, float(cot_scale))
     else:
         with torch.no_grad():
             out = _forward(x2, w_gate, w_up, w_down, kind, slices)

@@ -5,8 +5,9 @@ In a position-wise half (the FFN sub-block a reversible backward recomputes), th
     down = linear(gated_act(linear(x, W_gate), linear(x, W_up), kind), W_down)
 
 (or with gate and up fused in one weight, `gate, up = linear(x, W_gate_up).chunk(2, -1)` as Phi-3 has it:
-the two halves of W_gate_up are then views of it) whose output reaches the half's output only through additions (and casts) becomes one call of
-`meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
+the two halves of W_gate_up are then views of it) whose output reaches the half's output only through additions (and casts; first, on a single path,
+multiplications by numbers: a scaled residual branch, whose factor the call takes as `cot_scale`) becomes
+one call of `meft_fx.nn.sliced_ffn.sliced_gated_ffn(x, W_gate, W_up, W_down, kind, chunk_bytes)`:
 each slice of the intermediate units runs over all tokens, its tensors within `chunk_bytes`, and in the
 backward's recompute each slice makes its share of d x at once (see that module). The half then needs no
 chunks of tokens for its FFN: `build_couplings` calls this on the halves it chunks and sizes their token
@@ -44,6 +45,29 @@ def _reaches_output_by_adds(n: fx.Node) -> bool:
                 seen.add(u)
                 frontier.append(u)
     return True
+
+
+_MUL = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar}
+
+
+def _constant_factor(u: fx.Node, m: fx.Node) -> float | None:
+    """c when `u` is m · c (or c · m) for a number c, else None."""
+    if u.op != "call_function" or u.target not in _MUL or len(u.args) != 2 or u.kwargs:
+        return None
+    other = u.args[1] if u.args[0] is m else u.args[0] if u.args[1] is m else m
+    ok = isinstance(other, (int, float)) and not isinstance(other, bool)
+    return float(other) if ok else None
+
+
+def _cotangent_scale(n: fx.Node) -> float | None:
+    """The factor by which the graph output's cotangent reaches `n`, when `n` reaches the output through
+    multiplications by numbers on a single path (a scaled residual branch: Granite's `residual_multiplier`),
+    then additions and casts; None when it does not (a norm, another user of `n`: the offered cotangent
+    would not be the gradient `n` receives)."""
+    scale, m = 1.0, n
+    while len(m.users) == 1 and (factor := _constant_factor(next(iter(m.users)), m)) is not None:
+        scale, m = scale * factor, next(iter(m.users))
+    return scale if _reaches_output_by_adds(m) else None
 
 
 def _bias_free_linear(n, only_user) -> tuple | None:
@@ -86,10 +110,11 @@ def _half_of(gm: fx.GraphModule, w: fx.Node, half: int, before: fx.Node) -> fx.N
 
 
 def _match(gm: fx.GraphModule, down: fx.Node):
-    """(x, w_gate, w_up, w_down, kind, nodes to erase, weights read) when `down` ends a bias-free gated FFN,
-    else None."""
+    """(x, w_gate, w_up, w_down, kind, cotangent scale, nodes to erase, weights read) when `down` ends a
+    bias-free gated FFN, else None."""
     lin = _bias_free_linear(down, next(iter(down.users), None)) if len(down.users) == 1 else None
-    if lin is None or down.args[1].op != "get_attr" or not _reaches_output_by_adds(down):
+    scale = _cotangent_scale(down) if lin is not None else None
+    if lin is None or down.args[1].op != "get_attr" or scale is None:
         return None  # (elsewhere, e.g. before a post-norm, the cotangent offered ahead would not be its own)
     g = lin[0]
     if g.op != "call_function" or g.target is not gated_act or set(g.users) != {down} or len(g.args) != 3:
@@ -100,11 +125,11 @@ def _match(gm: fx.GraphModule, down: fx.Node):
     if fused is not None and (_rows(gm, fused[1]) or 1) % 2 == 0:
         x, w, ha, hb, dead = fused
         wa, wb = _half_of(gm, w, ha, down), _half_of(gm, w, hb, down)
-        return x, wa, wb, down.args[1], g.args[2], (g, *dead), {w.target, down.args[1].target}
+        return x, wa, wb, down.args[1], g.args[2], scale, (g, *dead), {w.target, down.args[1].target}
     a, b = _bias_free_linear(g.args[0], g), _bias_free_linear(g.args[1], g)
     if a is None or b is None or a[0] is not b[0]:
         return None
-    return a[0], a[1], b[1], down.args[1], g.args[2], (g, g.args[0], g.args[1]), {a[1].target, b[1].target,
+    return a[0], a[1], b[1], down.args[1], g.args[2], scale, (g, g.args[0], g.args[1]), {a[1].target, b[1].target,
                                                                                     down.args[1].target}
 
 
@@ -116,8 +141,9 @@ def sliced_ffn(gm: fx.GraphModule, chunk_bytes: int) -> set:
         m = _match(gm, down) if down.op == "call_function" and down.target in _LINEAR else None
         if m is None:
             continue
-        x, wg, wu, wd, kind, dead, weights = m
-        replace_node(gm, down, "call_function", sliced_gated_ffn, (x, wg, wu, wd, kind, int(chunk_bytes)), PASS)
+        x, wg, wu, wd, kind, scale, dead, weights = m
+        args = (x, wg, wu, wd, kind, int(chunk_bytes)) + ((scale,) if scale != 1.0 else ())
+        replace_node(gm, down, "call_function", sliced_gated_ffn, args, PASS)
         for n in dead:
             gm.graph.erase_node(n)
         taken |= weights

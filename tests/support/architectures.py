@@ -330,3 +330,15 @@ def make(name: str, *, dtype=torch.float32, num_layers: int = 2, hidden: int = 3
             return _token_inputs(seed, batch, seq, pad_id=pad_id, labels=labels, decoder=name == "bart")
 
     return Arch(name, model, num_layers, 2 if name == "bart" else 1, make_inputs, hf)
+
+
+def tiny_decoder(family: str, **extra) -> torch.nn.Module:
+    """A 2-layer causal LM of a transformers family ("Llama", "Gemma", "Phi3", "Granite", ...): hidden 32,
+    FFN 64, 4 heads / 2 kv heads, vocabulary 128, fp64, seeded; `extra` goes to its config."""
+    import transformers as tf
+
+    cfg = getattr(tf, f"{family}Config")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, **extra)
+    torch.manual_seed(0)
+    return getattr(tf, f"{family}ForCausalLM")(cfg).double()

@@ -73,29 +73,18 @@ def test_context_is_passed_to_the_blocks_that_read_it():
     assert all(len(c.g_context) == 0 for c in stack.couplings)
 
 
-def _gemma():
-    import transformers as tf
-    cfg = tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, vocab_size=128, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, use_cache=False)
-    torch.manual_seed(0)
-    return tf.GemmaForCausalLM(cfg).double()
-
-
 def test_an_ffn_reading_a_per_feature_context_runs_in_chunks():
     """Gemma's RMSNorm scales by 1 + w, computed outside the layer: the FFN half reads it as context. Such a
     value is the same for every token, so the half still runs in chunks (here: slices of its FFN, then token
     chunks), every chunk taking it whole — with the gradients of the unchunked program."""
-    import copy
-
     import meft_fx
     from meft_fx.nn.sliced_ffn import sliced_gated_ffn
-    from tests.support.architectures import _token_inputs
+    from tests.support.architectures import _token_inputs, tiny_decoder
 
     inputs = _token_inputs(3, 2, 9, vocab=128)
     config = dict(recompute_chunk_bytes=4 * 8 * 32, chunk_loss=False)  # 4 fp64 tokens of the hidden width per chunk
-    ref = meft_fx.convert(copy.deepcopy(_gemma()), meft_fx.MEFTConfig(reversible=False, **config)).train()
-    rev = meft_fx.convert(_gemma(), meft_fx.MEFTConfig(**config)).train()
+    ref = meft_fx.convert(tiny_decoder("Gemma", head_dim=8), meft_fx.MEFTConfig(reversible=False, **config)).train()
+    rev = meft_fx.convert(tiny_decoder("Gemma", head_dim=8), meft_fx.MEFTConfig(**config)).train()
     stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
     for c in stack.couplings:
         assert c.g_context and "G" in c.chunks  # reads context, runs in chunks

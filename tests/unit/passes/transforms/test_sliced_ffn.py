@@ -1,6 +1,5 @@
 """sliced_ffn: a bias-free gated FFN becomes one sliced_gated_ffn call; in a converted decoder its FFN
 halves run whole, sliced by width, the backward making d x while it recomputes, the gradients unchanged."""
-import copy
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from meft_fx.nn.gated import gated_act
 from meft_fx.nn.sliced_ffn import sliced_gated_ffn
 from meft_fx.runtime import ReversibleStack
 from helpers import captured
-from tests.support.architectures import _token_inputs
+from tests.support.architectures import _token_inputs, tiny_decoder
 
 aten = torch.ops.aten
 
@@ -67,14 +66,6 @@ def test_a_biased_shared_or_post_norm_ffn_is_left_alone(kw):
     assert passes.sliced_ffn(gm, 64) == set() and gm.code == before
 
 
-def _decoder():
-    import transformers as tf
-    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, use_cache=False)
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(cfg).double()
-
-
 def _grads(model, inputs):
     torch.manual_seed(7)  # the adapters' dropout: the same masks for both models
     loss = model(**inputs).loss
@@ -82,29 +73,38 @@ def _grads(model, inputs):
     return loss, dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
 
 
-def test_a_converted_decoder_slices_its_ffns_and_keeps_its_gradients(monkeypatch):
-    inputs = _token_inputs(3, 2, 9, vocab=128)
-    budget = 2 * 9 * 8 * 32  # 18 fp64 tokens: the hidden width (32) fits whole, the FFN's 64 units in 2 slices
+def _converted(family, budget, **extra):
+    """(converted, its reversible=False twin, the stack) of a tiny decoder, chunk_loss off."""
     config = dict(recompute_chunk_bytes=budget, chunk_loss=False)
-    ref = meft_fx.convert(copy.deepcopy(_decoder()), meft_fx.MEFTConfig(reversible=False, **config)).train()
-    rev = meft_fx.convert(_decoder(), meft_fx.MEFTConfig(**config)).train()
-    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
-    for c in stack.couplings:
-        assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
-        assert (c.chunks["G"].width, c.chunks["G"].compiled_width) == (32, 64)  # whole tokens eager; FFN width compiled
-    assert "the gated FFN of 2 of them in slices of its intermediate width" in str(meft_fx.explain(rev))
+    ref = meft_fx.convert(tiny_decoder(family, **extra), meft_fx.MEFTConfig(reversible=False, **config)).train()
+    rev = meft_fx.convert(tiny_decoder(family, **extra), meft_fx.MEFTConfig(**config)).train()
+    return rev, ref, next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+
+
+def _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch):
+    """One pass over the slices per coupling — each recompute back-propagated as it ran (a recompute in the
+    FFN's own backward, had the cotangent not been its output's, would add one more) — and the twin's grads."""
+    inputs = _token_inputs(3, 2, 9, vocab=128)
     passes_over_slices = []
     real = sliced._forward_and_vjp
     monkeypatch.setattr(sliced, "_forward_and_vjp", lambda *a: passes_over_slices.append(1) or real(*a))
     loss, grads = _grads(rev, inputs)
-    # one pass over the slices per coupling: each recompute back-propagated as it ran (a recompute in the
-    # FFN's own backward, had the cotangent not been its output's, would add one more)
     assert len(passes_over_slices) == len(stack.couplings)
     ref_loss, ref_grads = _grads(ref, inputs)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_a_converted_decoder_slices_its_ffns_and_keeps_its_gradients(monkeypatch):
+    # 18 fp64 tokens: the hidden width (32) fits whole, the FFN's 64 units in 2 slices
+    rev, ref, stack = _converted("Llama", 2 * 9 * 8 * 32)
+    for c in stack.couplings:
+        assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
+        assert (c.chunks["G"].width, c.chunks["G"].compiled_width) == (32, 64)  # whole tokens eager; FFN width compiled
+    assert "the gated FFN of 2 of them in slices of its intermediate width" in str(meft_fx.explain(rev))
+    _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch)
 
 
 class FusedGatedFFN(nn.Module):
@@ -136,30 +136,37 @@ def test_a_fused_gate_up_projection_is_sliced_through_views_of_its_weight():
     torch.testing.assert_close(run(), ref, rtol=1e-12, atol=1e-12)
 
 
-def _phi3():
-    import transformers as tf
-    cfg = tf.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        use_cache=False)
-    torch.manual_seed(0)
-    return tf.Phi3ForCausalLM(cfg).double()
-
-
 def test_a_converted_phi3_slices_its_fused_ffns_and_keeps_its_gradients(monkeypatch):
-    inputs = _token_inputs(3, 2, 9, vocab=128)
-    config = dict(recompute_chunk_bytes=2 * 9 * 8 * 32, chunk_loss=False)  # the FFN's 64 units in 2 slices
-    ref = meft_fx.convert(copy.deepcopy(_phi3()), meft_fx.MEFTConfig(reversible=False, **config)).train()
-    rev = meft_fx.convert(_phi3(), meft_fx.MEFTConfig(**config)).train()
-    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+    rev, ref, stack = _converted("Phi3", 2 * 9 * 8 * 32)  # the FFN's 64 units in 2 slices
     for c in stack.couplings:
         assert sum(n.target is sliced_gated_ffn for n in c.G.graph.nodes) == 1
-    passes_over_slices = []
-    real = sliced._forward_and_vjp
-    monkeypatch.setattr(sliced, "_forward_and_vjp", lambda *a: passes_over_slices.append(1) or real(*a))
-    loss, grads = _grads(rev, inputs)
-    assert len(passes_over_slices) == len(stack.couplings)  # the cotangent ahead was the FFN's own
-    ref_loss, ref_grads = _grads(ref, inputs)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-8, atol=1e-11, msg=name)
+    _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch)
+
+
+class ScaledGatedFFN(GatedFFN):
+    """x + c · down(silu(gate(x)) * up(x)): a scaled residual branch (Granite's residual_multiplier)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x + self.down(F.silu(self.gate(x)) * self.up(x)) * self.scale
+
+
+def test_a_scaled_residual_branch_is_sliced_with_its_cotangent_scaled():
+    torch.manual_seed(0)
+    model, x = ScaledGatedFFN(0.25).double(), torch.randn(2, 5, 16, dtype=torch.float64)
+    gm = _gated(model, x)
+    passes.sliced_ffn(gm, 64)
+    (call,) = [n for n in gm.graph.nodes if n.target is sliced_gated_ffn]
+    assert call.args[4:] == ("silu", 64, 0.25)  # the factor the offered cotangent is multiplied by
+    assert [n.target for n in call.users] == [aten.mul.Tensor]  # the branch still scales the output
+
+
+def test_a_converted_granite_back_propagates_its_scaled_ffns_as_it_recomputes(monkeypatch):
+    rev, ref, stack = _converted("Granite", 2 * 9 * 8 * 32, residual_multiplier=0.22)
+    for c in stack.couplings:
+        (call,) = [n for n in c.G.graph.nodes if n.target is sliced_gated_ffn]
+        assert call.args[-1] == 0.22
+    _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch)  # the scaled cotangent was the FFN's own
