@@ -106,10 +106,11 @@ def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tens
     params = [p for p in block.parameters() if p.requires_grad]
     ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
     if chunk is not None:
+        differentiated = [*params, *ctx]
         with torch.enable_grad(), replay, tape.autocast.restore():
-            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, [*params, *ctx], chunk,
+            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, differentiated, chunk,
                                              input_grad, reuse_input, grad_into, context)
-        tape.grads.add(zip([*params, *ctx], grads))
+        tape.grads.add(zip(differentiated, grads))
         return out, d_in
     with torch.enable_grad(), replay, tape.autocast.restore():
         leaf = stream.detach().requires_grad_(input_grad)

@@ -31,12 +31,13 @@ def local_sizes(half: fx.GraphModule) -> list[int]:
     dims = [_expr(d) for d in getattr(node_value(stream), "shape", ())]
     removed = []
     for pos, ph in enumerate(context):
-        e = _expr(node_value(ph)) if isinstance(node_value(ph), torch.SymInt) else None
+        value = node_value(ph)
+        e = _expr(value) if isinstance(value, torch.SymInt) else None
         if e is None or dims.count(e) != 1:
             continue
         with half.graph.inserting_after(stream):
             size = stamp(half.graph.call_function(torch.ops.aten.sym_size.int, (stream, dims.index(e))), PASS)
-        size.meta["val"] = node_value(ph)
+        size.meta["val"] = value
         ph.replace_all_uses_with(size)
         half.graph.erase_node(ph)
         removed.append(pos)

@@ -54,7 +54,9 @@ def _constant_factor(u: fx.Node, m: fx.Node) -> float | None:
     """c when `u` is m · c (or c · m) for a number c, else None."""
     if u.op != "call_function" or u.target not in _MUL or len(u.args) != 2 or u.kwargs:
         return None
-    other = u.args[1] if u.args[0] is m else u.args[0] if u.args[1] is m else m
+    if m not in u.args:
+        return None
+    other = u.args[1] if u.args[0] is m else u.args[0]
     ok = isinstance(other, (int, float)) and not isinstance(other, bool)
     return float(other) if ok else None
 
@@ -79,9 +81,9 @@ def _bias_free_linear(n, only_user) -> tuple | None:
     return n.args
 
 
-def _fused_halves(a: fx.Node, b: fx.Node, g: fx.Node):
-    """(x, weight, half of a, half of b, nodes to erase) when a, b are the two halves of `linear(x, W).chunk(2, -1)`
-    used only by `g`, else None."""
+def _fused_halves(gm: fx.GraphModule, a: fx.Node, b: fx.Node, g: fx.Node):
+    """(x, weight, rows of a half, half of a, half of b, nodes to erase) when a, b are the two equal halves of
+    `linear(x, W).chunk(2, -1)` used only by `g`, else None."""
     if not all(n.op == "call_function" and n.target is operator.getitem and set(n.users) == {g} for n in (a, b)):
         return None
     chunk = a.args[0]
@@ -91,7 +93,10 @@ def _fused_halves(a: fx.Node, b: fx.Node, g: fx.Node):
     if chunk.args[1:] not in ((2, -1), (2, rank - 1)) or {a.args[1], b.args[1]} != {0, 1} or set(chunk.users) != {a, b}:
         return None
     lin = _bias_free_linear(chunk.args[0], chunk)
-    return None if lin is None else (lin[0], lin[1], a.args[1], b.args[1], (a, b, chunk, chunk.args[0]))
+    rows = _rows(gm, lin[1]) if lin is not None else None
+    if rows is None or rows % 2:  # (an odd width: chunk's halves differ in size)
+        return None
+    return lin[0], lin[1], rows // 2, a.args[1], b.args[1], (a, b, chunk, chunk.args[0])
 
 
 def _rows(gm: fx.GraphModule, w: fx.Node) -> int | None:
@@ -102,9 +107,8 @@ def _rows(gm: fx.GraphModule, w: fx.Node) -> int | None:
         return None
 
 
-def _half_of(gm: fx.GraphModule, w: fx.Node, half: int, before: fx.Node) -> fx.Node:
-    """A node of rows `half` (0: the first, 1: the second) of weight `w` (a view: no copy)."""
-    rows = _rows(gm, w) // 2
+def _half_of(gm: fx.GraphModule, w: fx.Node, rows: int, half: int, before: fx.Node) -> fx.Node:
+    """A node of rows [half · rows, (half + 1) · rows) of weight `w` (a view: no copy)."""
     with gm.graph.inserting_before(before):
         return stamp(gm.graph.call_function(torch.ops.aten.slice.Tensor, (w, 0, half * rows, (half + 1) * rows)), PASS)
 
@@ -121,10 +125,10 @@ def _match(gm: fx.GraphModule, down: fx.Node):
         return None
     if g.args[0] is g.args[1]:
         return None
-    fused = _fused_halves(g.args[0], g.args[1], g)
-    if fused is not None and (_rows(gm, fused[1]) or 1) % 2 == 0:
-        x, w, ha, hb, dead = fused
-        wa, wb = _half_of(gm, w, ha, down), _half_of(gm, w, hb, down)
+    fused = _fused_halves(gm, g.args[0], g.args[1], g)
+    if fused is not None:
+        x, w, rows, ha, hb, dead = fused
+        wa, wb = _half_of(gm, w, rows, ha, down), _half_of(gm, w, rows, hb, down)
         return x, wa, wb, down.args[1], g.args[2], scale, (g, *dead), {w.target, down.args[1].target}
     a, b = _bias_free_linear(g.args[0], g), _bias_free_linear(g.args[1], g)
     if a is None or b is None or a[0] is not b[0]:
