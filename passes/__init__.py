@@ -5,11 +5,12 @@
     transforms.dropout_to_modules   → dropout obeys train()/eval()
     transforms.causal_masks         → SDPA with a boolean mask takes the causal kernel when the mask is causal
     transforms.gated_activation     → act(a) * b (SwiGLU, GEGLU) keeps two tensors for the backward, not three
+    transforms.grouped_experts      → routed experts' grouped products compute only the wanted gradients
     analysis.find_residual_units    → stacks of x + f(x) sub-blocks on the residual stream
     analysis.group_layers           → attention unit(s) + FFN unit, or one parallel unit = one layer
     transforms.insert_adapters      → paper adapters in every layer
     transforms.build_couplings      → each stack becomes one ReversibleStack call; in its FFN halves
-      transforms.local_sizes        → the batch/sequence sizes are read off the half's own input
+      transforms.local_sizes        → the batch/sequence sizes (and tensors made from them) come from the half's input
       transforms.sliced_ffn         → a gated FFN runs in slices of its width, back-propagating as it recomputes
     transforms.chunk_head_loss      → a vocabulary head + cross-entropy in the program runs in chunks
 
@@ -25,6 +26,7 @@ from .transforms.causal_masks import causal_masks
 from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.gated_activation import gated_activation
+from .transforms.grouped_experts import grouped_experts
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
 from .transforms.local_sizes import local_sizes
@@ -34,7 +36,7 @@ from .transforms.unrepeat_kv import unrepeat_kv
 __all__ = [
     "Layer", "ResidualUnit", "Stack", "StreamAnalysis", "PIPELINE", "PASS_NAMES", "Pass", "PipelineResult",
     "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "causal_masks",
-    "gated_activation", "local_sizes", "sliced_ffn",
+    "gated_activation", "grouped_experts", "local_sizes", "sliced_ffn",
     "find_residual_units", "group_layers",
     "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
 ]

@@ -23,6 +23,7 @@ from .transforms.causal_masks import causal_masks
 from .transforms.chunk_head_loss import chunk_head_loss
 from .transforms.dropout_to_modules import dropout_to_modules
 from .transforms.gated_activation import gated_activation
+from .transforms.grouped_experts import grouped_experts
 from .transforms.hoist_shape_queries import hoist_shape_queries
 from .transforms.insert_adapters import insert_adapters
 from .transforms.unrepeat_kv import unrepeat_kv
@@ -56,6 +57,7 @@ PIPELINE = [
     Pass("dropout_to_modules", "transform", lambda gm, s: dropout_to_modules(gm)),
     Pass("causal_masks", "transform", lambda gm, s: causal_masks(gm)),
     Pass("gated_activation", "transform", lambda gm, s: gated_activation(gm)),
+    Pass("grouped_experts", "transform", lambda gm, s: grouped_experts(gm)),
     Pass("find_residual_units", "analysis", lambda gm, s: find_residual_units(gm), "finding the residual stream"),
     Pass("group_layers", "analysis", lambda gm, s: group_layers(s.analysis)),
     Pass("insert_adapters", "transform", lambda gm, s: insert_adapters(gm, s.analysis, s.config, s.adapters)),

@@ -5,4 +5,5 @@
     attention   AttentionWithDropout / chunked_attention
     causal      masked_sdpa: SDPA with a boolean mask, on the causal kernel when the mask is causal
     gated       gated_act: act(gate) * up keeping two tensors for the backward (SwiGLU, GEGLU)
+    experts     grouped_mm: routed experts' grouped product, computing only the wanted gradients
 """

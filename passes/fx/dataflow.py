@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx as fx
 
@@ -25,6 +26,33 @@ def tensor_shape(node: fx.Node):
     if isinstance(v, torch.Tensor) or hasattr(v, "shape") and hasattr(v, "dtype"):
         return tuple(v.shape)
     return None
+
+
+def _size_expr(d):
+    """A dimension as a sympy expression (a SymInt's own, an int's number)."""
+    expr = getattr(getattr(d, "node", None), "expr", None) if isinstance(d, torch.SymInt) else None
+    return expr if expr is not None else sympy.Integer(int(d))
+
+
+def widest_per_token(gm: fx.GraphModule) -> int:
+    """The most elements per token of any tensor a position-wise `gm` computes (its first placeholder is the
+    stream, tokens × width), read off the recorded symbolic shapes: a tensor of N · tokens elements counts N
+    (Mixtral's experts: (top-k · tokens, 2 · intermediate) counts 2 · top-k · intermediate). 0 when the
+    stream's token dimensions are not symbolic (a tensor's size alone would not say which are tokens)."""
+    stream = next(iter(gm.graph.find_nodes(op="placeholder")), None)
+    shape = tensor_shape(stream) if stream is not None else None
+    if not shape or not any(isinstance(d, torch.SymInt) for d in shape[:-1]):
+        return 0
+    tokens = sympy.Mul(*[_size_expr(d) for d in shape[:-1]])
+    widest = 0
+    for n in gm.graph.nodes:
+        size = tensor_shape(n) if n.op == "call_function" else None
+        if size is None:
+            continue
+        per_token = sympy.cancel(sympy.Mul(*[_size_expr(d) for d in size]) / tokens)
+        if per_token.is_Integer:
+            widest = max(widest, int(per_token))
+    return widest
 
 
 def tensor_dtype(node: fx.Node):

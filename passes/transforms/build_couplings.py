@@ -14,9 +14,9 @@ from meft_fx.nn.adapter import Adapter, AdapterOnly, NoUpdate
 from meft_fx.runtime import Coupling, CouplingRecord, ReversibleStack, StackRecord
 from meft_fx.runtime.chunks import ChunkPlan
 from ..analysis.records import StreamAnalysis
-from ..fx.dataflow import data_dag, node_value, region, tensor_shape
+from ..fx.dataflow import data_dag, node_value, region, tensor_shape, widest_per_token
 from ..fx.extraction import extract
-from ..fx.ops import graph_has_random
+from ..fx.ops import graph_has_random, is_random
 from ..fx.provenance import describe, stamp
 from .local_sizes import local_sizes
 from .sliced_ffn import sliced_ffn
@@ -78,18 +78,35 @@ class _StackCutter:
         start, end, mine, suffix = _ROLES[role](layer, blocks)
         sub, idx = self.cut(start, end, f"Layer{li}{suffix}")
         if role == "ffn":  # position-wise: the sizes it reshapes to are its input's own (chunks of tokens)
-            gone = local_sizes(sub)
+            gone = local_sizes(sub, [self.context[i] for i in idx])
             idx = [i for pos, i in enumerate(idx) if pos not in gone]
         return sub, idx, mine
 
-    def per_feature(self, position: int) -> bool:
-        """Is context value `position` the same for every token: a tensor of shape (), (dim,) or (1, ..., 1, dim)
-        with concrete sizes (a norm's weight computed outside the layer, e.g. Gemma's 1 + w)? Sizes, masks and
-        position tables are not: a chunk of tokens cannot take them whole."""
-        shape = tensor_shape(self.context[position])
+    def same_for_every_token(self, position: int) -> bool:
+        """Is context value `position` the same for every token, so that every chunk of tokens can take it whole?
+        Yes for a tensor with concrete sizes that is per feature — shape (), (dim,) or (1, ..., 1, dim), e.g. a
+        norm's weight computed outside the layer (Gemma's 1 + w) — or made from the model's weights alone (no
+        input, no random draw in its making, e.g. Mixtral's experts' weights transposed). Sizes, masks and
+        position tables are not."""
+        node = self.context[position]
+        shape = tensor_shape(node)
         if shape is None or not all(isinstance(d, int) for d in shape):
             return False
-        return len(shape) == 0 or (shape[-1] in (1, self.dim) and all(d == 1 for d in shape[:-1]))
+        per_feature = len(shape) == 0 or (shape[-1] in (1, self.dim) and all(d == 1 for d in shape[:-1]))
+        return per_feature or self._from_weights(node)
+
+    def _from_weights(self, node: fx.Node) -> bool:
+        """Does `node` depend on get_attr nodes (weights, buffers) and constants only, drawing nothing random?"""
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder" or n.op == "call_module" or is_random(self.gm, n):
+                return False
+            todo.extend(n.all_input_nodes)
+        return True
 
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
         """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is per feature (every chunk gets
@@ -97,13 +114,13 @@ class _StackCutter:
         token chunks are then sized by the other parameters, except when the half is compiled (`compiled_width`:
         the plain ops run there)."""
         budget = self.config.recompute_chunk_bytes
-        if role != "ffn" or not budget or isinstance(module, NoUpdate) or not all(map(self.per_feature, context)):
+        if role != "ffn" or not budget or isinstance(module, NoUpdate) or not all(map(self.same_for_every_token, context)):
             return None
         sliced = sliced_ffn(module, budget) if self.config.reversible and isinstance(module, fx.GraphModule) else set()
         named = dict(module.named_parameters())
         widths = [self.dim] + [p.shape[0] for n, p in named.items() if p.dim() == 2 and n not in sliced]
-        if not sliced:
-            return ChunkPlan(max(widths), budget)
+        if not sliced:  # the widest activation: a weight's width, or more per token (Mixtral's top-k experts)
+            return ChunkPlan(max(widths + [widest_per_token(module)]), budget)
         return ChunkPlan(max(widths), budget, compiled_width=max(widths + [named[n].shape[0] for n in sliced]))
 
     def coupling(self, layer, li: int, top: bool) -> Coupling:

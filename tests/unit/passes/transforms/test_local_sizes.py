@@ -1,5 +1,6 @@
-"""local_sizes: an FFN half that reshapes to the batch and sequence sizes reads them off its own input, so
-it runs in chunks of tokens (GPT-2, OPT), with the gradients of the whole half, call after call."""
+"""local_sizes: an FFN half that reshapes to the batch and sequence sizes (or counts its tokens) reads them off
+its own input, so it runs in chunks of tokens (GPT-2, OPT, Mixtral), with the gradients of the whole half, call
+after call."""
 import copy
 
 import pytest
@@ -65,7 +66,7 @@ def test_a_size_is_read_off_the_input_only_when_exactly_one_dimension_has_it():
     assert passes.local_sizes(shared) == [] and shared.code == code
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "mixtral"])  # Mixtral in float64: its batched experts
 def test_chunked_halves_give_the_whole_halves_gradients_call_after_call(name):
     arch = make(name, dtype=torch.float64)
     whole_model = copy.deepcopy(arch.model)
@@ -79,3 +80,68 @@ def test_chunked_halves_give_the_whole_halves_gradients_call_after_call(name):
         ref_out, ref_grads = grads_of(whole, inputs)
         torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-12, atol=1e-14)
         assert_same_grads(grads, ref_grads, 1e-12)
+
+
+def test_a_product_of_the_input_sizes_and_an_arange_over_it_are_rebuilt_from_the_input():
+    """Mixtral's experts view their rows as (batch · sequence, top-k, width) and invert their routing with
+    arange(top-k · batch · sequence): both are rebuilt from the half's own input, so a chunk counts its own."""
+    g = fx.Graph()
+    x, n, idx = g.placeholder("stream"), g.placeholder("ctx_0"), g.placeholder("ctx_1")
+    rows = g.call_function(torch.ops.aten.view.default, (x, [n, -1]))
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (rows, g.call_function(torch.ops.aten.sum.default, (idx,)))))
+    env = ShapeEnv()
+    b, s = (env.create_symintnode(env.create_symbol(h, ConstantSource(k)), hint=h) for k, h in (("b", 3), ("s", 5)))
+    whole = fx.Graph()  # the graph the half was cut from: where its context was made
+    made = whole.call_function(torch.ops.aten.arange.default, (whole.placeholder("size"),), {"dtype": torch.float32})
+    whole.nodes.__iter__().__next__().meta["val"] = 2 * b * s
+    with FakeTensorMode(shape_env=env):
+        x.meta["val"] = torch.empty(b, s, 4)
+        idx.meta["val"] = made.meta["val"] = torch.empty(2 * b * s)
+    n.meta["val"] = b * s
+    half = fx.GraphModule(torch.nn.Module(), g)
+    assert passes.local_sizes(half, [None, made]) == [0, 1]
+    assert [p.name for p in half.graph.find_nodes(op="placeholder")] == ["stream"]
+    chunk = torch.randn(1, 7, 4)  # a chunk of 7 tokens: 7 rows, arange(14)
+    torch.testing.assert_close(half(chunk), chunk.view(7, -1) + torch.arange(14.0).sum())
+
+
+def test_a_size_factory_that_draws_or_reads_a_tensor_stays_context():
+    g = fx.Graph()
+    x, t = g.placeholder("stream"), g.placeholder("ctx_0")
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (x, t)))
+    whole = fx.Graph()
+    drawn = whole.call_function(torch.ops.aten.rand.default, ([4],))
+    env = ShapeEnv()
+    b = env.create_symintnode(env.create_symbol(3, ConstantSource("b")), hint=3)
+    with FakeTensorMode(shape_env=env):
+        x.meta["val"] = torch.empty(b, 4)
+        t.meta["val"] = drawn.meta["val"] = torch.empty(4)
+    half = fx.GraphModule(torch.nn.Module(), g)
+    code = half.code
+    assert passes.local_sizes(half, [drawn]) == [] and half.code == code
+
+
+def test_mixtral_experts_half_runs_in_chunks_with_the_whole_halves_gradients():
+    """float32 Mixtral (transformers' grouped experts): the FFN half reads only its experts' weights (transposed
+    outside the layer, the same for every token), rebuilds its token count and arange, runs in chunks sized by
+    its widest activation per token (top-k 2 × 2 × intermediate 64 = 256) and gives the unchunked gradients."""
+    from meft_fx.nn.experts import grouped_mm
+
+    arch = make("mixtral", dtype=torch.float32)
+    arch.model.set_experts_implementation("grouped_mm")
+    whole_model = copy.deepcopy(arch.model)
+    chunked, _ = convert_pair(arch.model, None, recompute_chunk_bytes=4 * 4 * 256, chunk_loss=False)
+    whole, _ = convert_pair(whole_model, None, recompute_chunk_bytes=0, chunk_loss=False)
+    for c in next(m for m in chunked.modules() if isinstance(m, ReversibleStack)).couplings:
+        assert c.chunks["G"].width == 256
+        context = [n.meta["val"] for n in c.G.graph.find_nodes(op="placeholder")][1:]
+        assert [tuple(v.shape) for v in context] == [(4, 32, 128), (4, 64, 32)]  # the experts' weights
+        assert any(n.target is torch.ops.aten.arange.default for n in c.G.graph.nodes)
+        assert sum(n.target is grouped_mm for n in c.G.graph.nodes) == 2  # grouped_experts
+    chunked.eval(), whole.eval()
+    for batch, seq in ((3, 9), (1, 2), (2, 13)):
+        inputs = arch.make_inputs(batch, seq)
+        out, grads = grads_of(chunked, inputs)
+        ref_out, ref_grads = grads_of(whole, inputs)
+        torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-6, atol=1e-7)
+        assert_same_grads(grads, ref_grads, 1e-5)
