@@ -27,8 +27,8 @@ def measure_generation(spec: BenchModel, depth: int, *, prompt: int = 8, new_tok
     unconverted model's with its cache), and the run's settings."""
     import meft_fx
 
-    if spec.arch != "llama":
-        raise ValueError(f"--generate needs a decoder: --arch llama (got {spec.arch})")
+    if not spec.decoder:
+        raise ValueError(f"--generate needs a decoder: --arch llama or mixtral (got {spec.arch})")
     config = spec.config(depth, prompt + new_tokens)
     model = spec.build(config, dtype, device, seed).eval()
     model.generation_config.use_cache = True

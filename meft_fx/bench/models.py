@@ -1,10 +1,12 @@
-"""The benchmark's models: an encoder classifier (BERT) and a decoder LM (LLaMA), random init, with a batch.
+"""The benchmark's models: an encoder classifier (BERT) and decoder LMs (LLaMA, Mixtral), random init, with a batch.
 
-    bert   BertForSequenceClassification: heads = hidden / 64 unless given, intermediate 4·hidden
-           unless given, labels = one class per sequence; LoRA on query, value.
-    llama  LlamaForCausalLM: heads = hidden / 64 unless given, kv heads = heads unless given,
-           intermediate 8/3·hidden rounded up to a multiple of 32 unless given, labels = input_ids
-           (the model shifts them); LoRA on q_proj, v_proj.
+    bert     BertForSequenceClassification: heads = hidden / 64 unless given, intermediate 4·hidden
+             unless given, labels = one class per sequence; LoRA on query, value.
+    llama    LlamaForCausalLM: heads = hidden / 64 unless given, kv heads = heads unless given,
+             intermediate 8/3·hidden rounded up to a multiple of 32 unless given, labels = input_ids
+             (the model shifts them); LoRA on q_proj, v_proj.
+    mixtral  MixtralForCausalLM: as llama, with `experts` routed experts of that intermediate size
+             per layer, `top_k` of them per token (transformers' grouped experts).
 
 The LoRA baselines use r=8, alpha 16 and dropout `lora_dropout` (0.1 unless given).
 """
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-ARCHS = ("bert", "llama")
+ARCHS = ("bert", "llama", "mixtral")
+_CLASSES = {"bert": "BertForSequenceClassification", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class BenchModel:
     intermediate: int | None = None
     #: the LoRA baselines' dropout on the adapted layers' inputs (PEFT's own default is 0.0)
     lora_dropout: float = 0.1
+    #: mixtral: routed experts per layer, and how many of them each token goes to
+    experts: int = 8
+    top_k: int = 2
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -40,6 +46,13 @@ class BenchModel:
             raise ValueError(f"heads={self.num_heads} must divide hidden={self.hidden}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"kv_heads={self.num_kv_heads} must divide heads={self.num_heads}")
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, experts={self.experts}] (experts each token goes to)")
+
+    @property
+    def decoder(self) -> bool:
+        """A causal LM (labels = input_ids), not the encoder classifier."""
+        return self.arch != "bert"
 
     @property
     def num_heads(self) -> int:
@@ -62,18 +75,18 @@ class BenchModel:
 
     @property
     def lora_targets(self) -> list[str]:
-        return ["query", "value"] if self.arch == "bert" else ["q_proj", "v_proj"]
+        return ["q_proj", "v_proj"] if self.decoder else ["query", "value"]
 
     @property
     def lora_task(self) -> str:
-        return "SEQ_CLS" if self.arch == "bert" else "CAUSAL_LM"
+        return "CAUSAL_LM" if self.decoder else "SEQ_CLS"
 
     @property
     def title(self) -> str:
-        name = "BertForSequenceClassification" if self.arch == "bert" else "LlamaForCausalLM"
-        kv = f" / {self.num_kv_heads} kv heads" if self.arch == "llama" else ""
-        return (f"{name}, random init, hidden {self.hidden}, heads {self.num_heads}{kv}, intermediate "
-                f"{self.intermediate_size}, vocab {self.vocab}")
+        kv = f" / {self.num_kv_heads} kv heads" if self.decoder else ""
+        moe = f", {self.experts} experts, top-{self.top_k}" if self.arch == "mixtral" else ""
+        return (f"{_CLASSES[self.arch]}, random init, hidden {self.hidden}, heads {self.num_heads}{kv}, intermediate "
+                f"{self.intermediate_size}{moe}, vocab {self.vocab}")
 
     def config(self, depth: int, seq: int):
         import transformers as tf
@@ -83,19 +96,21 @@ class BenchModel:
                       max_position_embeddings=max(512, seq))
         if self.arch == "bert":
             return tf.BertConfig(num_labels=2, **common)
+        if self.arch == "mixtral":
+            return tf.MixtralConfig(num_key_value_heads=self.num_kv_heads, use_cache=False, num_local_experts=self.experts,
+                                    num_experts_per_tok=self.top_k, **common)
         return tf.LlamaConfig(num_key_value_heads=self.num_kv_heads, use_cache=False, **common)
 
     def build(self, config, dtype: torch.dtype, device, seed: int):
         import transformers as tf
 
         torch.manual_seed(seed)
-        cls = tf.BertForSequenceClassification if self.arch == "bert" else tf.LlamaForCausalLM
-        return cls(config).to(device=device, dtype=dtype).train()
+        return getattr(tf, _CLASSES[self.arch])(config).to(device=device, dtype=dtype).train()
 
     def batch(self, config, batch: int, seq: int, device, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed + 1)
         ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
-        labels = torch.randint(0, config.num_labels, (batch,), generator=g) if self.arch == "bert" else ids
+        labels = ids if self.decoder else torch.randint(0, config.num_labels, (batch,), generator=g)
         return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq, dtype=torch.long).to(device),
                 "labels": labels.to(device)}
 

@@ -5,7 +5,8 @@
         --vocab 32000 --depths 8,24 --seqs 512 --batch 2 --methods decoder
 
 For every (depth, sequence length) one randomly initialised model (`--arch`: bert =
-BertForSequenceClassification, llama = LlamaForCausalLM with labels = input_ids; built under a
+BertForSequenceClassification, llama = LlamaForCausalLM with labels = input_ids, mixtral =
+MixtralForCausalLM likewise, `--experts` routed experts per layer, `--top-k` per token; built under a
 fixed seed, dropout on where the model has it, labels given) and one batch are shared by all
 methods; each method gets a fresh copy of the model. Per method:
 
@@ -413,11 +414,12 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
                   device="cpu", methods=None, repeats: int = 3, out: str | os.PathLike | None = None, *,
                   vocab: int = 30522, seed: int = SEED, compile_timeout: float | None = 600.0,
                   progress: bool = True, arch: str = "bert", heads: int | None = None, kv_heads: int | None = None,
-                  intermediate: int | None = None, alternate: bool = True, lora_dropout: float = 0.1) -> list[dict]:
+                  intermediate: int | None = None, alternate: bool = True, lora_dropout: float = 0.1,
+                  experts: int = 8, top_k: int = 2) -> list[dict]:
     """Run every method at every (depth, seq); return one dict per measurement.
 
-    arch "bert" or "llama" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
-    hidden); `lora_dropout`: the LoRA baselines' dropout (PEFT's default is 0.0). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
+    arch "bert", "llama" or "mixtral" (see meft_fx.bench.models; heads, kv_heads, intermediate default from
+    hidden; `experts`, `top_k` for mixtral); `lora_dropout`: the LoRA baselines' dropout (PEFT's default is 0.0). Each row: arch, hidden, depth, seq, batch, dtype, device, method, status ("ok" or
     "unavailable: ..."), note, trainable_params, and when ok activation_mib, peak_mib, retained_mib,
     saved_mib (live bytes between forward and backward), step_s (median), step_s_min, step_s_max,
     step_times (one per round, when timed in turn), the activation ratios ratio_full, ratio_lora,
@@ -427,7 +429,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
     With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate, lora_dropout)
+    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate, lora_dropout, experts, top_k)
     methods = expand_methods(methods)
     depths, seqs = [int(d) for d in depths], [int(s) for s in seqs]
     rows: list[dict] = []
@@ -627,7 +629,8 @@ def _ints(text: str) -> list[int]:
 def _generate(args) -> list[dict]:
     from .generation import format_generation, measure_generation
 
-    spec = BenchModel(args.arch, args.hidden, args.vocab, args.heads, args.kv_heads, args.intermediate)
+    spec = BenchModel(args.arch, args.hidden, args.vocab, args.heads, args.kv_heads, args.intermediate,
+                      experts=args.experts, top_k=args.top_k)
     rows = measure_generation(spec, args.depths[0], rounds=args.repeats, dtype=DTYPES[args.dtype],
                               device=args.device, seed=args.seed)
     text = format_generation(rows, spec.title)
@@ -641,12 +644,15 @@ def _generate(args) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """`python -m meft_fx.bench [options]`: parse `argv`, run the benchmark, write its outputs; returns the rows."""
     p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="bert", choices=ARCHS, help="bert (encoder classifier) or llama (decoder LM)")
+    p.add_argument("--arch", default="bert", choices=ARCHS,
+                   help="bert (encoder classifier), llama (decoder LM) or mixtral (decoder LM with routed experts)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
-    p.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default: heads)")
+    p.add_argument("--kv-heads", type=int, default=None, help="llama, mixtral: key/value heads (default: heads)")
+    p.add_argument("--experts", type=int, default=8, help="mixtral: routed experts per layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="mixtral: experts per token (default 2)")
     p.add_argument("--intermediate", type=int, default=None,
-                   help="FFN width (default 4·hidden for bert, 8/3·hidden rounded to 32 for llama)")
+                   help="FFN width (default 4·hidden for bert, 8/3·hidden rounded to 32 for llama and each mixtral expert)")
     p.add_argument("--depths", type=_ints, default=[6, 12, 24], help="comma-separated, e.g. 6,12,24")
     p.add_argument("--seqs", type=_ints, default=[256, 512], help="comma-separated, e.g. 256,512")
     p.add_argument("--batch", type=int, default=8)
@@ -669,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="time each method right after its memory (one model alive at a time) instead of in turn")
     p.add_argument("--generate", action="store_true",
                    help="instead of training steps: generation tokens/s with the KV cache, converted vs unconverted "
-                        "(meft_fx.bench.generation; --arch llama, first of --depths; --out writes generation.md)")
+                        "(meft_fx.bench.generation; a decoder --arch, first of --depths; --out writes generation.md)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -679,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                          expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
                          compile_timeout=args.compile_timeout or None, arch=args.arch, heads=args.heads,
                          kv_heads=args.kv_heads, intermediate=args.intermediate, alternate=args.alternate,
-                         lora_dropout=args.lora_dropout)
+                         lora_dropout=args.lora_dropout, experts=args.experts, top_k=args.top_k)
     sys.stdout.write(format_report(rows))
     return rows
 

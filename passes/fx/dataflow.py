@@ -34,25 +34,33 @@ def _size_expr(d):
     return expr if expr is not None else sympy.Integer(int(d))
 
 
-def widest_per_token(gm: fx.GraphModule) -> int:
-    """The most elements per token of any tensor a position-wise `gm` computes (its first placeholder is the
-    stream, tokens × width), read off the recorded symbolic shapes: a tensor of N · tokens elements counts N
-    (Mixtral's experts: (top-k · tokens, 2 · intermediate) counts 2 · top-k · intermediate). 0 when the
-    stream's token dimensions are not symbolic (a tensor's size alone would not say which are tokens)."""
+def _tokens(gm: fx.GraphModule):
+    """The token count of a position-wise `gm` (its first placeholder is the stream, tokens × width) as a sympy
+    expression, or None when the stream's token dimensions are not symbolic (then a tensor's size alone would
+    not say which of its dimensions are tokens)."""
     stream = next(iter(gm.graph.find_nodes(op="placeholder")), None)
     shape = tensor_shape(stream) if stream is not None else None
     if not shape or not any(isinstance(d, torch.SymInt) for d in shape[:-1]):
-        return 0
-    tokens = sympy.Mul(*[_size_expr(d) for d in shape[:-1]])
-    widest = 0
-    for n in gm.graph.nodes:
-        size = tensor_shape(n) if n.op == "call_function" else None
-        if size is None:
-            continue
-        per_token = sympy.cancel(sympy.Mul(*[_size_expr(d) for d in size]) / tokens)
-        if per_token.is_Integer:
-            widest = max(widest, int(per_token))
-    return widest
+        return None
+    return sympy.Mul(*[_size_expr(d) for d in shape[:-1]])
+
+
+def per_token(gm: fx.GraphModule, sizes) -> int | None:
+    """How many elements per token of `gm`'s stream a tensor of `sizes` holds (N for N · tokens elements), or None
+    when that is not a constant (a weight, or no symbolic shapes)."""
+    tokens = _tokens(gm)
+    if tokens is None:
+        return None
+    ratio = sympy.cancel(sympy.Mul(*[_size_expr(d) for d in sizes]) / tokens)
+    return int(ratio) if ratio.is_Integer else None
+
+
+def widest_per_token(gm: fx.GraphModule) -> int:
+    """The most elements per token of any tensor a position-wise `gm` computes, read off the recorded symbolic
+    shapes: (top-k · tokens, 2 · intermediate) counts 2 · top-k · intermediate (Mixtral's experts). 0 without
+    symbolic shapes."""
+    sizes = [tensor_shape(n) for n in gm.graph.nodes if n.op == "call_function"]
+    return max([0] + [w for w in (per_token(gm, s) for s in sizes if s is not None) if w])
 
 
 def tensor_dtype(node: fx.Node):

@@ -7,14 +7,16 @@ by `meft_stack(x, *context)`, which returns the stream chosen by `config.output`
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from meft_fx.errors import ConversionError
 from meft_fx.nn.adapter import Adapter, AdapterOnly, NoUpdate
 from meft_fx.runtime import Coupling, CouplingRecord, ReversibleStack, StackRecord
-from meft_fx.runtime.chunks import ChunkPlan
+from meft_fx.nn.experts import grouped_mm
+from meft_fx.runtime.chunks import MIN_EXPERT_ROWS, ChunkPlan
 from ..analysis.records import StreamAnalysis
-from ..fx.dataflow import data_dag, node_value, region, tensor_shape, widest_per_token
+from ..fx.dataflow import data_dag, node_value, per_token, region, tensor_shape, widest_per_token
 from ..fx.extraction import extract
 from ..fx.ops import graph_has_random, is_random
 from ..fx.provenance import describe, stamp
@@ -22,6 +24,8 @@ from .local_sizes import local_sizes
 from .sliced_ffn import sliced_ffn
 
 PASS = "build_couplings"
+#: routed experts' grouped products (rows sorted by expert, experts × in × out weights)
+_GROUPED = (grouped_mm, torch.ops.aten._grouped_mm.default)
 NO_UPDATE = (("none (its stream is not the output)", "adapter"),)
 
 # role → (region of the layer: (start, end) node names, its blocks, class-name suffix of the cut)
@@ -120,7 +124,7 @@ class _StackCutter:
         named = dict(module.named_parameters())
         widths = [self.dim] + [p.shape[0] for n, p in named.items() if p.dim() == 2 and n not in sliced]
         if not sliced:  # the widest activation: a weight's width, or more per token (Mixtral's top-k experts)
-            return ChunkPlan(max(widths + [widest_per_token(module)]), budget)
+            return ChunkPlan(max(widths + [widest_per_token(module)]), budget, min_rows=_min_expert_tokens(module))
         return ChunkPlan(max(widths), budget, compiled_width=max(widths + [named[n].shape[0] for n in sliced]))
 
     def coupling(self, layer, li: int, top: bool) -> Coupling:
@@ -135,6 +139,19 @@ class _StackCutter:
         plans = {h: self.chunk_plan(m, role, ctx) for h, m, role, ctx in (("F", F, spec.F, fi), ("G", G, spec.G, gi))}
         return Coupling(F, G, lam, beta, swap, fi, gi, record=CouplingRecord(layer.module, f_blocks, g_blocks),
                         chunks={h: p for h, p in plans.items() if p is not None})
+
+
+def _min_expert_tokens(half) -> int:
+    """The fewest tokens a chunk of `half` may hold: enough for `MIN_EXPERT_ROWS` rows per expert of each of its
+    grouped expert products (top-k rows per token, spread over the weight's experts); 1 without such products."""
+    fewest = 1
+    for n in half.graph.nodes:
+        if n.op == "call_function" and n.target in _GROUPED:
+            rows, weight = tensor_shape(n.args[0]), tensor_shape(n.args[1])
+            top_k = per_token(half, rows[:1]) if rows and weight else None
+            if top_k:
+                fewest = max(fewest, -(-MIN_EXPERT_ROWS * int(weight[0]) // top_k))
+    return fewest
 
 
 def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, registry: dict | None = None) -> fx.GraphModule:

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from meft_fx.bench import run as bench
 
@@ -188,3 +189,19 @@ def test_lora_dropout_is_a_setting_of_the_lora_baselines():
             assert all(m.p == p for m in drops)
     with pytest.raises(ValueError, match=r"lora_dropout=1\.0 must be in \[0, 1\)"):
         BenchModel("bert", 32, 100, lora_dropout=1.0)
+
+
+def test_mixtral_bench_at_tiny_size_from_the_command_line():
+    """`--arch mixtral --experts 4 --top-k 2`: a MoE decoder, its LoRA + checkpointing baseline and meft_fx side by
+    side (at this size fixed costs decide the memory; the README's table is the comparison)."""
+    rows = bench.main(["--arch", "mixtral", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
+                       "--experts", "4", "--top-k", "2", "--vocab", "512", "--depths", "2", "--seqs", "64",
+                       "--batch", "2", "--methods", "lora_ckpt,meft3_exact", "--repeats", "1"])
+    by = {r["method"]: r for r in rows}
+    assert all(_ok(r) for r in rows), [r["status"] for r in rows]
+    assert rows[0]["title"].startswith("MixtralForCausalLM") and "4 experts, top-2" in rows[0]["title"]
+    assert by["meft3_exact"]["step_s"] > 0 and by["lora_ckpt"]["note"].startswith("LoRA r=8 on q_proj,v_proj")
+    spec = bench.BenchModel("mixtral", 32, 100, experts=4, top_k=2)
+    assert type(spec.build(spec.config(1, 16), torch.float32, "cpu", 0).model.layers[0].mlp).__name__ == "MixtralSparseMoeBlock"
+    with pytest.raises(ValueError, match=r"top_k=3 must be in \[1, experts=2\]"):
+        bench.BenchModel("mixtral", 32, 100, experts=2, top_k=3)

@@ -142,3 +142,13 @@ def test_chunks_take_a_per_feature_context_whole(shape):
     torch.testing.assert_close(out, ref.detach(), rtol=1e-14, atol=1e-14)
     for a, b in zip(ref_grads, [dx, *grads]):
         torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14)
+
+
+def test_min_rows_keeps_chunks_of_at_least_that_many_tokens():
+    """A half with routed experts keeps MIN_EXPERT_ROWS rows per expert in every chunk, whatever the budget; the
+    chunks stay of equal size."""
+    x = torch.empty(2, 50, 32)
+    assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4).rows(x) == 3  # 34 chunks of 3 tokens (the last 1)
+    assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4, min_rows=40).rows(x) == 34  # 3 chunks of 34, 34, 32
+    assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4, min_rows=200).rows(x) == 100  # one chunk: all of them
+    assert "min_rows=40" in repr(ChunkPlan(width=32, chunk_bytes=96, min_rows=40))

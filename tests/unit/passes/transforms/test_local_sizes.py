@@ -121,19 +121,23 @@ def test_a_size_factory_that_draws_or_reads_a_tensor_stays_context():
     assert passes.local_sizes(half, [drawn]) == [] and half.code == code
 
 
-def test_mixtral_experts_half_runs_in_chunks_with_the_whole_halves_gradients():
+def test_mixtral_experts_half_runs_in_chunks_with_the_whole_halves_gradients(monkeypatch):
     """float32 Mixtral (transformers' grouped experts): the FFN half reads only its experts' weights (transposed
     outside the layer, the same for every token), rebuilds its token count and arange, runs in chunks sized by
-    its widest activation per token (top-k 2 × 2 × intermediate 64 = 256) and gives the unchunked gradients."""
+    its widest activation per token (top-k 2 × 2 × intermediate 64 = 256), at least MIN_EXPERT_ROWS rows per
+    expert (4 experts, top-2: 2 · MIN_EXPERT_ROWS tokens), and gives the unchunked gradients."""
     from meft_fx.nn.experts import grouped_mm
+    from meft_fx.passes.transforms import build_couplings
 
+    monkeypatch.setattr(build_couplings, "MIN_EXPERT_ROWS", 2)  # chunks of 4 tokens at the least: these batches chunk
     arch = make("mixtral", dtype=torch.float32)
     arch.model.set_experts_implementation("grouped_mm")
     whole_model = copy.deepcopy(arch.model)
     chunked, _ = convert_pair(arch.model, None, recompute_chunk_bytes=4 * 4 * 256, chunk_loss=False)
     whole, _ = convert_pair(whole_model, None, recompute_chunk_bytes=0, chunk_loss=False)
     for c in next(m for m in chunked.modules() if isinstance(m, ReversibleStack)).couplings:
-        assert c.chunks["G"].width == 256
+        assert c.chunks["G"].width == 256 and c.chunks["G"].min_rows == 4
+        assert c.chunks["G"].rows(torch.empty(3, 9, 32)) < 27  # the first batch below runs in chunks
         context = [n.meta["val"] for n in c.G.graph.find_nodes(op="placeholder")][1:]
         assert [tuple(v.shape) for v in context] == [(4, 32, 128), (4, 64, 32)]  # the experts' weights
         assert any(n.target is torch.ops.aten.arange.default for n in c.G.graph.nodes)
