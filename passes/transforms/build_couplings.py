@@ -113,17 +113,19 @@ class _StackCutter:
         return True
 
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
-        """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is per feature (every chunk gets
-        it whole); None otherwise. A reversible half's gated FFN runs in slices of its width (`sliced_ffn`): the
-        token chunks are then sized by the other parameters, except when the half is compiled (`compiled_width`:
-        the plain ops run there)."""
+        """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is the same for every token (every
+        chunk gets it whole); None otherwise. A reversible half's gated FFN runs in slices of its width
+        (`sliced_ffn`): the token chunks are then sized by the other parameters, except when the half is compiled
+        (`compiled_width`: the plain ops run there). Otherwise the width is the widest activation: a weight's,
+        or more per token (Mixtral's top-k experts), with at least MIN_EXPERT_ROWS rows per expert."""
         budget = self.config.recompute_chunk_bytes
-        if role != "ffn" or not budget or isinstance(module, NoUpdate) or not all(map(self.same_for_every_token, context)):
+        if role != "ffn" or not budget or not isinstance(module, fx.GraphModule) \
+                or not all(map(self.same_for_every_token, context)):
             return None
-        sliced = sliced_ffn(module, budget) if self.config.reversible and isinstance(module, fx.GraphModule) else set()
+        sliced = sliced_ffn(module, budget) if self.config.reversible else set()
         named = dict(module.named_parameters())
         widths = [self.dim] + [p.shape[0] for n, p in named.items() if p.dim() == 2 and n not in sliced]
-        if not sliced:  # the widest activation: a weight's width, or more per token (Mixtral's top-k experts)
+        if not sliced:
             return ChunkPlan(max(widths + [widest_per_token(module)]), budget, min_rows=_min_expert_tokens(module))
         return ChunkPlan(max(widths), budget, compiled_width=max(widths + [named[n].shape[0] for n in sliced]))
 
