@@ -220,6 +220,10 @@ def chunked_lines(module: nn.Module, stacks) -> list:
             halves = sorted({h for h, _ in plans})
             lines.append(f"{name}: {'/'.join(halves)} of {len(plans)} coupling(s) (position-wise) over the tokens in "
                          f"chunks of ≤ {format_bytes(plans[0][1].chunk_bytes)} of their widest activation")
+        floor = max((p.min_rows for _, p in plans), default=1)
+        if floor > 1:
+            lines.append(f"{name}: routed experts: at least {floor} tokens per chunk (MIN_EXPERT_ROWS rows per expert), "
+                         "whatever the budget (every chunk re-reads all the experts' weights)")
         sliced = sum(p.compiled_width is not None for _, p in plans)
         if sliced:
             lines.append(f"{name}: the gated FFN of {sliced} of them in slices of its intermediate width (same budget), "

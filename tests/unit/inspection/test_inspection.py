@@ -143,6 +143,18 @@ def test_explain_float_numerics_keeps_two_streams_in_the_model_dtype():
         assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 4 / LAYERS)
 
 
+def test_explain_says_routed_experts_keep_a_floor_of_tokens_per_chunk():
+    """A converted Mixtral's MoE half runs in chunks of at least MIN_EXPERT_ROWS rows per expert (4 experts, top-2:
+    256 tokens), whatever the budget: explain says so, since its chunks exceed recompute_chunk_bytes."""
+    from architectures import make
+
+    arch = make("mixtral", num_layers=1)
+    arch.model.set_experts_implementation("grouped_mm")
+    rev = meft_fx.convert(arch.model, MEFTConfig(verbose=False), example_inputs=arch.make_inputs(2, 5))
+    assert "routed experts: at least 256 tokens per chunk (MIN_EXPERT_ROWS rows per expert)" in str(meft_fx.explain(rev))
+    assert "routed experts" not in str(meft_fx.explain(meft_fx.convert(tiny_bert(), example_inputs=batch())))
+
+
 def test_explain_reference_mode_saves_nothing(rev3):
     stack = next(m for m in rev3.modules() if isinstance(m, ReversibleStack))
     stack.reversible = False  # what MEFTConfig(reversible=False) builds: ordinary autograd
