@@ -10,7 +10,8 @@ eagerly, the other through `meft_fx.compile` (`--bare`: a plain `torch.compile(m
 model's compiled/eager ratio can be set against the unconverted one's (the bar: converted ratio ≤
 max(1, unconverted ratio)). After warm-up steps (compilation), the timed steps of all runners
 alternate, so they see the same load on a shared machine; the time is the median step (forward +
-loss + backward, gradients zeroed in place), min–max in the table. Memory:
+loss + backward, gradients zeroed in place), min–max in the table; a ratio is the median of the rounds'
+ratios (each round runs every runner once), their range in parentheses. Memory:
 `meft_fx.memory.measure_step_memory` of one step. With --check, the compiled gradients are also
 compared with eager's (same seed, same masks).
 """
@@ -24,7 +25,7 @@ import time
 import torch
 
 import meft_fx
-from meft_fx.memory import MiB, alternating_times, measure_step_memory
+from meft_fx.memory import MiB, alternating_times, measure_step_memory, paired_ratio
 
 
 def build(arch: str, layers: int, hidden: int, seq: int, batch: int, seed: int = 0, dropout: float = 0.1):
@@ -110,10 +111,10 @@ def measure(arch: str, layers: int, hidden: int, seq: int, batch: int, repeats: 
     times = alternating_times({k: (lambda k=k: step(k)) for k in runners}, rounds=repeats, warmup=0)
     for k, ts in times.items():
         row[f"{k}_step_s"], row[f"{k}_step_range"] = statistics.median(ts), (min(ts), max(ts))
-    row["time_ratio"] = row["compiled_step_s"] / row["eager_step_s"]
+    row["time_ratio"], *row["time_ratio_range"] = paired_ratio(times["compiled"], times["eager"])
     row["activation_ratio"] = row["compiled_activation_mib"] / max(row["eager_activation_mib"], 1e-9)
     if baseline:
-        row["base_time_ratio"] = row["base_compiled_step_s"] / row["base_eager_step_s"]
+        row["base_time_ratio"], *row["base_time_ratio_range"] = paired_ratio(times["base_compiled"], times["base_eager"])
         row["bar"] = max(1.0, row["base_time_ratio"])
     row["total_s"] = time.perf_counter() - t0
     torch._dynamo.reset()
@@ -125,17 +126,22 @@ def _timed(row: dict, k: str) -> str:
     return f"{row[f'{k}_step_s']:.3f} ({lo:.3f}–{hi:.3f})"
 
 
+def _ratio(row: dict, key: str) -> str:
+    lo, hi = row[f"{key}_range"]
+    return f"{row[key]:.2f} ({lo:.2f}–{hi:.2f})"
+
+
 def format_rows(rows: list[dict]) -> str:
     out = ["| model | eager s/step | compiled s/step | time × eager | unconverted: compiled × eager | eager act. MiB "
            "| compiled act. MiB | act. × eager | compile s | max rel grad err |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         err = f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "—"
-        base = f"{r['base_time_ratio']:.2f}" if "base_time_ratio" in r else "—"
+        base = _ratio(r, "base_time_ratio") if "base_time_ratio" in r else "—"
         what = f"{r['numerics']}" + (", torch.compile" if r.get("bare") else "") + \
             ("" if r.get("outer", True) else ", couplings only") + f", dropout {r.get('dropout', 0.1):g}"
         out.append(f"| {r['arch']} ({what}) L{r['layers']} h{r['hidden']} s{r['seq']} b{r['batch']} | "
-                   f"{_timed(r, 'eager')} | {_timed(r, 'compiled')} | {r['time_ratio']:.2f} | {base} | "
+                   f"{_timed(r, 'eager')} | {_timed(r, 'compiled')} | {_ratio(r, 'time_ratio')} | {base} | "
                    f"{r['eager_activation_mib']:.1f} | {r['compiled_activation_mib']:.1f} | {r['activation_ratio']:.2f} "
                    f"| {r['compile_s']:.0f} | {err} |")
     return "\n".join(out) + "\n"

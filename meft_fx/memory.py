@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 __all__ = ["StepMemory", "measure_step_memory", "median_step_time", "alternating_times", "balanced_orders",
-           "memory_deltas"]
+           "memory_deltas", "paired_ratio"]
 
 MiB = 1 << 20
 
@@ -182,3 +182,13 @@ def alternating_times(steps: dict, rounds: int = 3, warmup: int = 1) -> dict:
             steps[names[i]]()
             times[names[i]].append(time.perf_counter() - t0)
     return times
+
+
+def paired_ratio(times, base_times) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios times[i] / base_times[i] of two steps timed in the same rounds
+    (`alternating_times`): a load change during the run slows both in its rounds, so the ratio of each round is
+    steadier than the ratio of the two medians, which a round set of either one's own can move."""
+    if not times or len(times) != len(base_times):
+        raise ValueError(f"paired_ratio: needs one time per round for both, got {len(times)} and {len(base_times)}")
+    per_round = [a / b for a, b in zip(times, base_times)]
+    return statistics.median(per_round), min(per_round), max(per_round)

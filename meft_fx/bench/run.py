@@ -62,7 +62,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..memory import MiB, alternating_times, measure_step_memory, median_step_time
+from ..memory import MiB, alternating_times, measure_step_memory, median_step_time, paired_ratio
 from .models import ARCHS, BenchModel, liger_chunk_bytes
 
 BASELINES = ("full", "lora", "lora_ckpt", "compile_budget0")
@@ -406,8 +406,8 @@ def _time_ratio(row: dict, base: dict | None, key: str) -> dict:
     mine, theirs = row.get("step_times"), base.get("step_times")
     if not mine or not theirs or len(mine) != len(theirs):
         return {key: row["step_s"] / base["step_s"]}
-    per_round = [a / b for a, b in zip(mine, theirs)]
-    return {key: statistics.median(per_round), f"{key}_min": min(per_round), f"{key}_max": max(per_round)}
+    median, lo, hi = paired_ratio(mine, theirs)
+    return {key: median, f"{key}_min": lo, f"{key}_max": hi}
 
 
 def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch: int, dtype="float32",

@@ -147,3 +147,13 @@ def test_balanced_orders_put_every_step_after_every_other_equally_often(n):
     assert set(positions.values()) == {rounds // n}  # every step in every position equally often
     follows = Counter((o[j], o[j + 1]) for o in orders for j in range(n - 1))
     assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1  # every ordered pair equally often
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    """A method 0.9x of its base in three rounds, the machine slowing in rounds 2-3: 0.9 paired, where the ratio of
+    the medians reads 1.395 / 1.5 = 0.93; unequal round counts are refused."""
+    from meft_fx.memory import paired_ratio
+
+    assert paired_ratio([0.9, 1.8, 1.8, 0.99], [1.0, 2.0, 2.0, 1.0]) == pytest.approx((0.9, 0.9, 0.99))
+    with pytest.raises(ValueError, match="one time per round for both, got 2 and 3"):
+        paired_ratio([1.0, 1.0], [1.0, 1.0, 1.0])
