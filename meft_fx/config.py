@@ -150,10 +150,8 @@ class MEFTConfig:
             forward, the backward's recompute and the reference alike — so the backward's working set is
             bounded (default 3 MiB; 0: never chunk). More chunks are slower (every chunk re-reads the
             weights), so a half with routed experts keeps at least `meft_fx.runtime.chunks.MIN_EXPERT_ROWS`
-            rows per expert in a chunk whatever the budget (Mixtral, 4 layers, hidden 512, 8 experts of 1376,
-            top-2, 1024 tokens: 2 chunks, 51.4 MiB at 1.07× the step time of 0 (80.3 MiB); 8 chunks, as
-            the budget alone would give, 32.8 MiB at 1.49×). Dropout masks inside such a block are drawn
-            chunk by chunk (same distribution).
+            rows per expert in a chunk whatever the budget (measured in the README's Mixtral table). Dropout
+            masks inside such a block are drawn chunk by chunk (same distribution).
         capture: "export" (torch.export, non-strict, dynamic batch/sequence), "fx"
             (torch.fx.symbolic_trace, for plain modules), or "auto" (export, falling back to fx).
         inplace: False (default) converts a deep copy and leaves the caller's model untouched;

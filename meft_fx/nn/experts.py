@@ -5,8 +5,8 @@ dtype but bfloat16, that is the custom op `transformers::grouped_mm_fallback` (o
 backward always computes the experts' weight gradient as well: a zero-filled tensor of all the experts'
 weights and one more `mm` per expert, also when the experts are frozen — as they are in a MEFT model,
 where only adapters train. `grouped_mm` is the same forward (the same `mm` calls, so the same bits) with a
-backward that computes d input and d weight only when each is wanted. The `frozen_experts` pass puts it in
-place of the op.
+backward that computes d input and d weight only when each is wanted, and keeps for it only what those
+need (x for d weight, the weight for d input). The `grouped_experts` pass puts it in place of the op.
 """
 from __future__ import annotations
 
@@ -36,15 +36,17 @@ class GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, offs):
-        ctx.save_for_backward(x, weight, offs)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if want_w else None, weight if want_x else None, offs)
+        ctx.shapes = (x.shape, weight.shape)
         return _forward(x, weight, offs)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, offs = ctx.saved_tensors
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx = torch.zeros_like(x) if want_x else None
-        dw = torch.zeros_like(weight) if want_w else None
+        dx = grad.new_zeros(ctx.shapes[0]) if want_x else None
+        dw = grad.new_zeros(ctx.shapes[1]) if want_w else None
         for i, s, e in _groups(offs):
             if want_x:
                 torch.mm(grad[s:e], weight[i].T, out=dx[s:e])

@@ -21,9 +21,8 @@ __all__ = ["ChunkPlan", "MIN_EXPERT_ROWS", "fit", "run_in_chunks", "vjp_in_chunk
 
 #: A chunk of a half with routed experts holds at least enough tokens to give each expert this many rows on
 #: average (tokens ≥ MIN_EXPERT_ROWS · experts / top-k): every chunk re-reads all the experts' weights and runs
-#: one product per expert, which at a few dozen rows is slow. On Mixtral (8 layers, hidden 512, 8 experts of
-#: 1376, top-2, 1024 tokens, fp32) the 3 MiB budget alone gives 8 chunks of 128 tokens: 34.9 MiB, 1.39× the
-#: step time of 2 chunks of 512 tokens (53.5 MiB), which this floor gives.
+#: one product per expert, which at a few dozen rows is slow (the README's Mixtral table: 8 chunks of 128
+#: tokens, as the 3 MiB budget alone gives, against the 2 of 512 this floor gives).
 MIN_EXPERT_ROWS = 128
 
 
@@ -36,7 +35,8 @@ def fit(width: int, itemsize: int, chunk_bytes: int) -> int:
 class ChunkPlan:
     """How a position-wise block is chunked: `width`, its widest activation per token (e.g. the FFN's
     intermediate size), and `chunk_bytes`, the bytes such an activation may take per chunk. `min_rows`: the
-    fewest tokens a chunk may hold, whatever the budget (routed experts: `MIN_EXPERT_ROWS` rows per expert)."""
+    fewest tokens a chunk may hold, whatever the budget (routed experts: `MIN_EXPERT_ROWS` rows per expert);
+    where it applies, the chunks hold between min_rows and 2 · min_rows tokens (all of them if fewer)."""
 
     width: int
     chunk_bytes: int
@@ -47,10 +47,10 @@ class ChunkPlan:
         """Tokens per chunk for input `x` (all of them when they fit): as many chunks as the budget needs,
         of equal size (a last chunk of a few tokens would run its matmuls at a fraction of the speed)."""
         width = self.compiled_width if compiled and self.compiled_width else self.width
-        tokens = x.numel() // max(1, x.shape[-1])
-        most = max(self.min_rows, fit(width, x.element_size(), self.chunk_bytes))
-        chunks = -(-tokens // most)
-        return -(-tokens // chunks) if chunks else most
+        tokens, most = x.numel() // max(1, x.shape[-1]), fit(width, x.element_size(), self.chunk_bytes)
+        chunks = -(-tokens // most) if most >= self.min_rows else tokens // self.min_rows  # floor: fewer, larger
+        chunks = max(1, chunks)
+        return -(-tokens // chunks)
 
     def __repr__(self) -> str:  # printed in the generated programs
         extra = f", compiled_width={self.compiled_width}" if self.compiled_width else ""

@@ -18,12 +18,17 @@ from meft_fx.runtime.chunks import MIN_EXPERT_ROWS, ChunkPlan
 from ..analysis.records import StreamAnalysis
 from ..fx.dataflow import data_dag, node_value, per_token, region, tensor_shape, widest_per_token
 from ..fx.extraction import extract
-from ..fx.ops import graph_has_random, is_random
+from ..fx.ops import graph_has_random
 from ..fx.provenance import describe, stamp
 from .local_sizes import local_sizes
 from .sliced_ffn import sliced_ffn
 
 PASS = "build_couplings"
+#: ops that change a weight's layout, not which elements it holds (`_StackCutter._from_weights`)
+_LAYOUT = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default,
+           torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.clone.default,
+           torch.ops.aten.contiguous.default, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default,
+           torch.ops.aten.alias.default}
 #: routed experts' grouped products (rows sorted by expert, experts × in × out weights)
 _GROUPED = (grouped_mm, torch.ops.aten._grouped_mm.default)
 NO_UPDATE = (("none (its stream is not the output)", "adapter"),)
@@ -89,9 +94,8 @@ class _StackCutter:
     def same_for_every_token(self, position: int) -> bool:
         """Is context value `position` the same for every token, so that every chunk of tokens can take it whole?
         Yes for a tensor with concrete sizes that is per feature — shape (), (dim,) or (1, ..., 1, dim), e.g. a
-        norm's weight computed outside the layer (Gemma's 1 + w) — or made from the model's weights alone (no
-        input, no random draw in its making, e.g. Mixtral's experts' weights transposed). Sizes, masks and
-        position tables are not."""
+        norm's weight computed outside the layer (Gemma's 1 + w) — or a weight seen through layout ops (Mixtral's
+        experts' weights, transposed outside the layer). Sizes, masks and position tables are not."""
         node = self.context[position]
         shape = tensor_shape(node)
         if shape is None or not all(isinstance(d, int) for d in shape):
@@ -99,18 +103,13 @@ class _StackCutter:
         per_feature = len(shape) == 0 or (shape[-1] in (1, self.dim) and all(d == 1 for d in shape[:-1]))
         return per_feature or self._from_weights(node)
 
-    def _from_weights(self, node: fx.Node) -> bool:
-        """Does `node` depend on get_attr nodes (weights, buffers) and constants only, drawing nothing random?"""
-        seen, todo = set(), [node]
-        while todo:
-            n = todo.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n.op == "placeholder" or n.op == "call_module" or is_random(self.gm, n):
-                return False
-            todo.extend(n.all_input_nodes)
-        return True
+    @staticmethod
+    def _from_weights(node: fx.Node) -> bool:
+        """Is `node` a weight (get_attr) seen through layout ops only (transpose, permute, view, cast, ...)? Not a
+        table gathered or sliced from one (`wpe[arange(T)]`: a position table, the same in no two tokens)."""
+        while node.op == "call_function" and node.target in _LAYOUT and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node.op == "get_attr"
 
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
         """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is the same for every token (every
@@ -150,7 +149,7 @@ def _min_expert_tokens(half) -> int:
     for n in half.graph.nodes:
         if n.op == "call_function" and n.target in _GROUPED:
             rows, weight = tensor_shape(n.args[0]), tensor_shape(n.args[1])
-            top_k = per_token(half, rows[:1]) if rows and weight else None
+            top_k = per_token(half, rows[:1]) if rows and weight and len(weight) == 3 else None
             if top_k:
                 fewest = max(fewest, -(-MIN_EXPERT_ROWS * int(weight[0]) // top_k))
     return fewest

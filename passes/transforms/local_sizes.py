@@ -8,12 +8,15 @@ half could not run in chunks. This pass rebuilds such context inside the half fr
 
 - a size c · s_a · s_b ··· (an integer times distinct symbols, each the symbol of exactly one of the
   input's dimensions and of no other) becomes c · sym_size(stream, a) · sym_size(stream, b) ···;
-- a tensor made from such sizes alone by a factory that draws nothing (`arange`, `zeros`, `ones`, `full`,
-  `empty`) is made again in the half from the rebuilt sizes;
+- a tensor made by a factory that draws nothing (`arange`, `zeros`, `ones`, `full`, `empty`) from sizes that
+  are token counts (c times the product of all the input's token dimensions) is made again in the half from
+  the rebuilt sizes — a chunk's own `arange(top-k · tokens)` indexes its own rows; `arange(sequence)` (a
+  position) would restart in every chunk, so it stays context;
 
 and the half stops taking it. Run over a chunk, the half then reshapes to, and counts, the chunk's own
-tokens. A size it cannot rebuild (one symbol standing for two dimensions: which one was meant is unknown)
-stays context. `build_couplings` calls it on the position-wise halves.
+tokens. A size it cannot rebuild (one symbol standing for two dimensions: which one was meant is unknown;
+a token dimension of fixed size above 1, which a coefficient could stand for) stays context.
+`build_couplings` calls it on the position-wise halves.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ class _Rebuilder:
         self.shape = list(getattr(node_value(stream), "shape", ()))
         exprs = [_expr(d) for d in self.shape]
         self.dims = {e: exprs.index(e) for e in exprs if isinstance(e, sympy.Symbol) and exprs.count(e) == 1}
+        # a token dimension of fixed size > 1 (batch pinned by the program): a coefficient could stand for it
+        self.fixed = any(not isinstance(d, torch.SymInt) and int(d) != 1 for d in self.shape[:-1])
+        self.token_dims = sorted(d for d, e in enumerate(exprs[:-1]) if e is not None)
         self.anchor = next(n for n in half.graph.nodes if n.op != "placeholder")
         self.made: dict = {}
         self.emitted: list[fx.Node] = []
@@ -65,13 +71,8 @@ class _Rebuilder:
             if not node.users:
                 self.graph.erase_node(node)
 
-    def size(self, value):
-        """A node computing the SymInt `value` from the stream's sizes, or None."""
-        expr = _expr(value)
-        if expr is None:
-            return None
-        if expr in self.made:
-            return self.made[expr]
+    def _factors(self, expr):
+        """(c, [dims]) of expr = c · s_a · s_b ···, each s the symbol of exactly one input dimension; else None."""
         coef, dims = 1, []
         for factor in sympy.Mul.make_args(expr):
             if factor.is_Integer:
@@ -80,6 +81,19 @@ class _Rebuilder:
                 dims.append(self.dims[factor])
             else:
                 return None
+        return (coef, dims) if dims else None
+
+    def size(self, value):
+        """A node computing the SymInt `value` from the stream's sizes, or None."""
+        expr = _expr(value)
+        if expr is None or self.fixed:
+            return None
+        if expr in self.made:
+            return self.made[expr]
+        factors = self._factors(expr)
+        if factors is None:
+            return None
+        coef, dims = factors
         node = val = None
         for d in dims:
             term = self._emit(_aten.sym_size.int, (self.stream, d), self.shape[d])
@@ -97,7 +111,10 @@ class _Rebuilder:
         if source is None or source.op != "call_function" or source.target not in SIZE_FACTORIES:
             return None
         mapped = {}
-        for a in source.all_input_nodes:
+        for a in source.all_input_nodes:  # token counts only: arange(sequence) in a chunk would restart at 0
+            factors = self._factors(_expr(node_value(a))) if _expr(node_value(a)) is not None else None
+            if factors is None or sorted(factors[1]) != self.token_dims:
+                return None
             mapped[a] = self.size(node_value(a))
             if mapped[a] is None:
                 return None

@@ -150,8 +150,8 @@ def test_balanced_orders_put_every_step_after_every_other_equally_often(n):
 
 
 def test_paired_ratio_is_the_median_of_the_rounds_ratios():
-    """A method 0.9x of its base in three rounds, the machine slowing in rounds 2-3: 0.9 paired, where the ratio of
-    the medians reads 1.395 / 1.5 = 0.93; unequal round counts are refused."""
+    """Four rounds, a method 0.9x of its base in three of them, the machine slowing in rounds 2-3: 0.9 paired, where
+    the ratio of the medians reads 1.395 / 1.5 = 0.93; unequal round counts are refused."""
     from meft_fx.memory import paired_ratio
 
     assert paired_ratio([0.9, 1.8, 1.8, 0.99], [1.0, 2.0, 2.0, 1.0]) == pytest.approx((0.9, 0.9, 0.99))

@@ -39,13 +39,15 @@ def test_the_same_bits_as_transformers_op_forward_and_back(want):
 
 
 def test_frozen_experts_get_no_weight_gradient_work():
-    """The fallback's backward runs two products per non-empty group (d x and d weight) even for frozen experts;
-    grouped_mm runs one."""
+    """The fallback's backward runs two products per non-empty group (d x and d weight) even for frozen experts,
+    and keeps x for it; grouped_mm runs one and keeps only the weight (and the offsets)."""
     x, w, offs = _inputs()
     x.requires_grad_()
     groups = 3
     for fn, products in ((FALLBACK, 2 * groups), (grouped_mm, groups)):
         assert _products_in_backward(fn(x, w, offs), x) == products, fn
+    kept = grouped_mm(x, w, offs).grad_fn.saved_tensors
+    assert kept[0] is None and kept[1] is w
 
 
 def test_without_gradients_no_graph_and_a_clear_error_for_bad_shapes():

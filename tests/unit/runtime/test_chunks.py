@@ -145,10 +145,13 @@ def test_chunks_take_a_per_feature_context_whole(shape):
 
 
 def test_min_rows_keeps_chunks_of_at_least_that_many_tokens():
-    """A half with routed experts keeps MIN_EXPERT_ROWS rows per expert in every chunk, whatever the budget; the
-    chunks stay of equal size."""
+    """A half with routed experts keeps MIN_EXPERT_ROWS rows per expert in every chunk, whatever the budget: where
+    the floor applies, chunks of equal size between min_rows and twice that (all tokens when fewer)."""
     x = torch.empty(2, 50, 32)
     assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4).rows(x) == 3  # 34 chunks of 3 tokens (the last 1)
-    assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4, min_rows=40).rows(x) == 34  # 3 chunks of 34, 34, 32
+    assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4, min_rows=40).rows(x) == 50  # 2 chunks of 50
     assert ChunkPlan(width=32, chunk_bytes=3 * 32 * 4, min_rows=200).rows(x) == 100  # one chunk: all of them
+    for tokens in (1000, 1024, 1025, 1600, 2047):  # never below the floor, also when 512 does not divide
+        rows = ChunkPlan(width=32, chunk_bytes=96, min_rows=512).rows(torch.empty(tokens, 32))
+        assert 512 <= rows < 1024 or rows == tokens < 1024, (tokens, rows)
     assert "min_rows=40" in repr(ChunkPlan(width=32, chunk_bytes=96, min_rows=40))

@@ -108,8 +108,7 @@ def test_only_per_feature_context_lets_a_half_run_in_chunks(shape, ok):
 
     node = fx.Graph().placeholder("ctx")
     node.meta["val"] = torch.empty(shape) if shape is not None else 9  # 9: a size (an int, as a SymInt would be)
-    cutter = types.SimpleNamespace(context=[node], dim=32)
-    cutter._from_weights = types.MethodType(_StackCutter._from_weights, cutter)
+    cutter = types.SimpleNamespace(context=[node], dim=32, _from_weights=_StackCutter._from_weights)
     assert _StackCutter.same_for_every_token(cutter, 0) is ok
 
 
@@ -117,10 +116,12 @@ def test_only_per_feature_context_lets_a_half_run_in_chunks(shape, ok):
     (lambda g, w, x: g.call_function(torch.ops.aten.transpose.int, (w, -2, -1)), True),  # Mixtral's experts
     (lambda g, w, x: g.call_function(torch.ops.aten.add.Tensor, (w, x)), False),  # reads an input
     (lambda g, w, x: g.call_function(torch.ops.aten.dropout.default, (w, 0.1, True)), False),  # draws
+    (lambda g, w, x: g.call_function(torch.ops.aten.index.Tensor,  # a table gathered by position: wpe[arange(T)]
+                                     (w, [g.call_function(torch.ops.aten.arange.default, (4,))])), False),
 ])
-def test_context_made_from_weights_alone_is_the_same_for_every_token(make, ok):
-    """Any shape, when made from weights and constants alone without drawing random numbers (Mixtral's experts'
-    weights, transposed outside the layer); not when it reads an input or draws."""
+def test_a_weight_seen_through_layout_ops_is_the_same_for_every_token(make, ok):
+    """Any shape, when it is a weight transposed, viewed or cast (Mixtral's experts' weights, transposed outside
+    the layer); not when it reads an input, draws, or gathers rows (a position table)."""
     import types
 
     import torch.fx as fx
@@ -131,6 +132,5 @@ def test_context_made_from_weights_alone_is_the_same_for_every_token(make, ok):
     x, w = g.placeholder("x"), g.get_attr("w")
     node = make(g, w, x)
     node.meta["val"] = torch.empty(4, 32, 64)
-    cutter = types.SimpleNamespace(context=[node], dim=32, gm=fx.GraphModule({"w": torch.nn.Parameter(torch.ones(4, 64, 32))}, g))
-    cutter._from_weights = types.MethodType(_StackCutter._from_weights, cutter)
+    cutter = types.SimpleNamespace(context=[node], dim=32, _from_weights=_StackCutter._from_weights)
     assert _StackCutter.same_for_every_token(cutter, 0) is ok

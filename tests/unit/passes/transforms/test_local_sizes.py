@@ -149,3 +149,31 @@ def test_mixtral_experts_half_runs_in_chunks_with_the_whole_halves_gradients(mon
         ref_out, ref_grads = grads_of(whole, inputs)
         torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-6, atol=1e-7)
         assert_same_grads(grads, ref_grads, 1e-5)
+
+
+def _sized_half(stream_shape, size_of):
+    """A half (stream, ctx_0) -> stream + ctx_0.sum(), ctx_0 = arange(size) made in the whole graph; `size_of`
+    maps the symbols (b, s) to the size. Returns (half, the arange's node in the whole graph)."""
+    g = fx.Graph()
+    x, t = g.placeholder("stream"), g.placeholder("ctx_0")
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (x, g.call_function(torch.ops.aten.sum.default, (t,)))))
+    env = ShapeEnv()
+    syms = {k: env.create_symintnode(env.create_symbol(h, ConstantSource(k)), hint=h) for k, h in (("b", 3), ("s", 5))}
+    whole = fx.Graph()
+    size = whole.placeholder("size")
+    size.meta["val"] = size_of(syms)
+    made = whole.call_function(torch.ops.aten.arange.default, (size,))
+    with FakeTensorMode(shape_env=env):
+        x.meta["val"] = torch.empty(*[syms.get(d, d) for d in stream_shape], 4)
+        t.meta["val"] = made.meta["val"] = torch.empty(size_of(syms))
+    return fx.GraphModule(torch.nn.Module(), g), made
+
+
+@pytest.mark.parametrize("stream_shape, size_of, why", [
+    (("b", "s"), lambda y: y["s"], "arange(sequence) is a position: it would restart in every chunk"),
+    ((2, "s"), lambda y: 2 * y["s"], "a fixed batch of 2: the coefficient may stand for it"),
+])
+def test_what_a_chunk_would_get_wrong_stays_context(stream_shape, size_of, why):
+    half, made = _sized_half(stream_shape, size_of)
+    code = half.code
+    assert passes.local_sizes(half, [made]) == [] and half.code == code, why
