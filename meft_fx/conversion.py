@@ -120,6 +120,17 @@ class ConvertedModule(nn.Module):
             self.__dict__["_cache_plan"] = generation.CachePlan(self, self._example)
         return self._cache_plan
 
+    def _refuse_unplanned_cache(self) -> None:
+        """A call asking for a KV cache where convert found none can be planned: say why and what to do (the
+        generation loop would feed this module only the newest token, so running uncached would be wrong)."""
+        reason = self.__dict__.get("cache_unsupported")
+        if reason:
+            raise generation.CacheUnsupported(
+                f"{self.owner or self.original_class}: a call with use_cache=True (or a cache object), but this "
+                f"converted model cannot use a KV cache: {reason}. convert() set generation_config.use_cache=False, "
+                f"so generate() without use_cache=True runs uncached (same tokens, slower); explain(model) shows "
+                f"the reason under 'generation:'")
+
     def __reduce_ex__(self, protocol):
         raise TypeError(
             f"a model converted by meft_fx cannot be pickled (torch.save(model)): its rewritten graphs hold "
@@ -131,6 +142,7 @@ class ConvertedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if generation.wants_cache(kwargs):
             if not (self.training and torch.is_grad_enabled()):
+                self._refuse_unplanned_cache()
                 return self.cache_plan.call(args, kwargs)
             kwargs = generation.without_cache(kwargs, self.owner or self.original_class)
         tensors, key = CallSpec.flatten(args, kwargs)

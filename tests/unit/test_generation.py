@@ -127,6 +127,9 @@ def test_a_model_without_sdpa_generates_uncached_and_says_why():
     assert "without a KV cache" in str(meft_fx.explain(rev))
     ids, mask = _prompts(1, 4)
     assert rev.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0).shape == (1, 6)
+    with pytest.raises(meft_fx.generation.CacheUnsupported, match=r"cannot use a KV cache: .*attn_implementation="
+                       r"'sdpa'.*generate\(\) without use_cache=True runs uncached"):
+        rev.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, use_cache=True)
 
 
 @pytest.mark.slow
