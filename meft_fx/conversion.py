@@ -115,14 +115,16 @@ class ConvertedModule(nn.Module):
         """How calls with a KV cache run (`meft_fx.generation.CachePlan`), made on first use;
         CacheUnsupported (with the reason) when they cannot."""
         if self._cache_plan is None:
+            self._refuse_unplanned_cache()
             if self._example is None:
                 raise generation.CacheUnsupported("converted without a recorded example call")
             self.__dict__["_cache_plan"] = generation.CachePlan(self, self._example)
         return self._cache_plan
 
     def _refuse_unplanned_cache(self) -> None:
-        """A call asking for a KV cache where convert found none can be planned: say why and what to do (the
-        generation loop would feed this module only the newest token, so running uncached would be wrong)."""
+        """When convert found that no KV cache can be planned, a call asking for one gets why and what to do, not a
+        second attempt (the generation loop would feed this module only the newest token, so running uncached
+        would be wrong)."""
         reason = self.__dict__.get("cache_unsupported")
         if reason:
             raise generation.CacheUnsupported(
@@ -142,7 +144,6 @@ class ConvertedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if generation.wants_cache(kwargs):
             if not (self.training and torch.is_grad_enabled()):
-                self._refuse_unplanned_cache()
                 return self.cache_plan.call(args, kwargs)
             kwargs = generation.without_cache(kwargs, self.owner or self.original_class)
         tensors, key = CallSpec.flatten(args, kwargs)

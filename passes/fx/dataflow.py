@@ -28,7 +28,7 @@ def tensor_shape(node: fx.Node):
     return None
 
 
-def _size_expr(d):
+def size_expr(d):
     """A dimension as a sympy expression (a SymInt's own, an int's number)."""
     expr = getattr(getattr(d, "node", None), "expr", None) if isinstance(d, torch.SymInt) else None
     return expr if expr is not None else sympy.Integer(int(d))
@@ -42,25 +42,30 @@ def _tokens(gm: fx.GraphModule):
     shape = tensor_shape(stream) if stream is not None else None
     if not shape or not any(isinstance(d, torch.SymInt) for d in shape[:-1]):
         return None
-    return sympy.Mul(*[_size_expr(d) for d in shape[:-1]])
+    return sympy.Mul(*[size_expr(d) for d in shape[:-1]])
+
+
+def _per(sizes, tokens) -> int | None:
+    ratio = sympy.cancel(sympy.Mul(*[size_expr(d) for d in sizes]) / tokens)
+    return int(ratio) if ratio.is_Integer else None
 
 
 def per_token(gm: fx.GraphModule, sizes) -> int | None:
     """How many elements per token of `gm`'s stream a tensor of `sizes` holds (N for N · tokens elements), or None
     when that is not a constant (a weight, or no symbolic shapes)."""
     tokens = _tokens(gm)
-    if tokens is None:
-        return None
-    ratio = sympy.cancel(sympy.Mul(*[_size_expr(d) for d in sizes]) / tokens)
-    return int(ratio) if ratio.is_Integer else None
+    return None if tokens is None else _per(sizes, tokens)
 
 
 def widest_per_token(gm: fx.GraphModule) -> int:
     """The most elements per token of any tensor a position-wise `gm` computes, read off the recorded symbolic
     shapes: (top-k · tokens, 2 · intermediate) counts 2 · top-k · intermediate (Mixtral's experts). 0 without
     symbolic shapes."""
+    tokens = _tokens(gm)
+    if tokens is None:
+        return 0
     sizes = [tensor_shape(n) for n in gm.graph.nodes if n.op == "call_function"]
-    return max([0] + [w for w in (per_token(gm, s) for s in sizes if s is not None) if w])
+    return max([0] + [w for w in (_per(s, tokens) for s in sizes if s is not None) if w])
 
 
 def tensor_dtype(node: fx.Node):

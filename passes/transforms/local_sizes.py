@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..fx.dataflow import node_value
+from ..fx.dataflow import node_value, size_expr
 from ..fx.provenance import stamp
 
 PASS = "local_sizes"
@@ -37,8 +37,8 @@ SIZE_FACTORIES = {_aten.arange.default, _aten.arange.start, _aten.arange.start_s
 
 
 def _expr(v):
-    """The sympy expression of a SymInt (None for a plain int or anything else)."""
-    expr = getattr(getattr(v, "node", None), "expr", None) if isinstance(v, torch.SymInt) else None
+    """The sympy expression of a SymInt (None for a plain int, a SymInt of known value or anything else)."""
+    expr = size_expr(v) if isinstance(v, torch.SymInt) else None
     return None if expr is None or expr.is_number else expr
 
 
@@ -94,11 +94,10 @@ class _Rebuilder:
         if factors is None:
             return None
         coef, dims = factors
-        node = val = None
+        node = None
         for d in dims:
             term = self._emit(_aten.sym_size.int, (self.stream, d), self.shape[d])
-            node, val = (term, self.shape[d]) if node is None else \
-                (self._emit(operator.mul, (node, term), val * self.shape[d]), val * self.shape[d])
+            node = term if node is None else self._emit(operator.mul, (node, term), node.meta["val"] * self.shape[d])
         if coef != 1:
             node = self._emit(operator.mul, (coef, node), value)
         node.meta["val"] = value
@@ -112,7 +111,8 @@ class _Rebuilder:
             return None
         mapped = {}
         for a in source.all_input_nodes:  # token counts only: arange(sequence) in a chunk would restart at 0
-            factors = self._factors(_expr(node_value(a))) if _expr(node_value(a)) is not None else None
+            expr = _expr(node_value(a))
+            factors = self._factors(expr) if expr is not None else None
             if factors is None or sorted(factors[1]) != self.token_dims:
                 return None
             mapped[a] = self.size(node_value(a))
