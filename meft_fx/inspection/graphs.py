@@ -124,7 +124,7 @@ def _coupling_programs(out: OrderedDict, pre: str, i: int, stack: ReversibleStac
     """coupling{i}/forward, /inverse, /backward (the programs that run, relabelled) and /F, /G."""
     for which in PROGRAMS:
         name = f"{pre}coupling{i}/{which}"
-        prog = stack.couplings[c].program(which, stack.arithmetic, stack.num_context, dtype)
+        prog = stack.couplings[c].program(which, stack.running_arithmetic(), stack.num_context, dtype)
         out[name] = label_program(prog, "codegen", name, prog.meta.get("meft_note", ""))
     for half in ("F", "G"):
         sub = _trace_leaf(getattr(stack.couplings[c], half))

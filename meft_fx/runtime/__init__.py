@@ -2,6 +2,7 @@
 
     arithmetic   float / fixed-point streams behind one interface (ARITHMETICS table)
     fixed_point  int64 fixed-point primitives (quantize, shifts with kept bits, checksum)
+    fused_steps  a compiled stack's fixed-point update and restore, one compiled kernel each
     coupling     Coupling: F, G, λ, β, swap; its generated programs (cached)
     codegen      the forward / inverse / backward programs of a coupling, as fx GraphModules
     replay       RNG / autocast replay and the fused recompute + VJP the backward program calls

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import fixed_point as fxp
+from . import fused_steps
 
 __all__ = ["StreamArithmetic", "FloatStreams", "FixedPointStreams", "ARITHMETICS", "make_arithmetic",
            "exponent_of"]
@@ -66,6 +67,16 @@ class StreamArithmetic:
     def key(self) -> tuple:
         """What distinguishes the programs this arithmetic generates (part of the program cache key)."""
         return (self.name,)
+
+    def fused(self, steps) -> "StreamArithmetic":
+        """This arithmetic with its steps compiled (`meft_fx.runtime.fused_steps`; `steps`: a FusedSteps),
+        for stacks whose F and G are compiled; the same bits. Float streams: itself (two ops a step)."""
+        return self
+
+    @property
+    def attributes(self) -> dict:
+        """Objects the generated programs read as attributes (`get_attr`), by name."""
+        return {}
 
     def check_scale(self, scale: float, name: str) -> None:
         """Raise ValueError when this arithmetic cannot use `scale` (λ or β)."""
@@ -191,6 +202,9 @@ class FixedPointStreams(StreamArithmetic):
     def emit_decode(self, g, h, dtype, name):
         return g.create_node("call_function", fxp.dequantize, (h, self.frac_bits, dtype), name=name)
 
+    def fused(self, steps):
+        return FusedFixedPointStreams(self.frac_bits, steps)
+
     def emit_update(self, g, prev, out, scale, names):
         new, residue, equation = names
         q = g.create_node("call_function", fxp.quantize, (out, self.frac_bits), name=f"{out.name}_q")
@@ -208,6 +222,38 @@ class FixedPointStreams(StreamArithmetic):
         k = exponent_of(scale)
         diff = g.create_node("call_function", operator.sub, (new, q), name=f"{name}_shifted" if k else name)
         return g.create_node("call_function", shift_up, (diff, residue, k), name=name) if k else diff
+
+
+class FusedFixedPointStreams(FixedPointStreams):
+    """`FixedPointStreams` whose update and (unchecked) restore each call one compiled kernel
+    (`meft_fx.runtime.fused_steps`): what a stack with compiled couplings runs. The same bits."""
+
+    def __init__(self, frac_bits: int, steps):
+        super().__init__(frac_bits)
+        self.steps = steps
+
+    @property
+    def key(self) -> tuple:
+        return super().key + ("fused", id(self.steps))
+
+    @property
+    def attributes(self) -> dict:
+        return {"steps": self.steps}
+
+    def emit_update(self, g, prev, out, scale, names):
+        new, residue, equation = names
+        steps = g.create_node("get_attr", "steps", name=f"{new}_steps")
+        step = g.create_node("call_function", fused_steps.update,
+                             (prev, out, steps, exponent_of(scale), self.frac_bits, equation), name=f"{new}_update")
+        return (g.create_node("call_function", operator.getitem, (step, 0), name=new),
+                g.create_node("call_function", operator.getitem, (step, 1), name=residue))
+
+    def emit_restore(self, g, new, out, residue, scale, name, checked=True):
+        if checked:
+            return super().emit_restore(g, new, out, residue, scale, name, checked)
+        steps = g.create_node("get_attr", "steps", name=f"{name}_steps")
+        return g.create_node("call_function", fused_steps.restore,
+                             (new, out, residue, steps, exponent_of(scale), self.frac_bits), name=name)
 
 
 def _straight_through(carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

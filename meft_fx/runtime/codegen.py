@@ -179,6 +179,8 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
     root.F, root.G = coupling.F, coupling.G
     for half, plan in coupling.chunks.items():
         setattr(root, f"{half}_chunks", plan)
+    for name, value in arith.attributes.items():
+        setattr(root, name, value)
     for n in e.g.nodes:
         n.meta[PROVENANCE_KEY] = "codegen"
     e.g.lint()

@@ -27,6 +27,7 @@ from .arithmetic import exponent_of, make_arithmetic
 from .codegen import inference_program
 from .coupling import Coupling
 from .function import ReversibleFunction
+from .fused_steps import FusedSteps
 
 __all__ = ["ReversibleStack", "StackRecord"]
 
@@ -78,6 +79,7 @@ class ReversibleStack(nn.Module):
             except ValueError as e:
                 raise ValueError(f"coupling {i}: {name} numerics cannot use its scales: {e}") from None
         self.__dict__["arithmetic"] = arith
+        self.__dict__["_fused"] = None
 
     @property
     def frac_bits(self) -> int:
@@ -97,8 +99,19 @@ class ReversibleStack(nn.Module):
         return sum(a.residue_bits(c.lam) + a.residue_bits(c.beta) for c in self.couplings)
 
     def program(self, i: int, which: str, dtype):
-        """Coupling `i`'s generated `which` program for this stack's arithmetic and F/G dtype `dtype`."""
-        return self.couplings[i].program(which, self.arithmetic, self.num_context, dtype)
+        """Coupling `i`'s generated `which` program for this stack's arithmetic and F/G dtype `dtype` (with its
+        steps compiled, `arithmetic.fused`, when the couplings are compiled — not under torch.export)."""
+        return self.couplings[i].program(which, self.running_arithmetic(), self.num_context, dtype)
+
+    def running_arithmetic(self):
+        """The arithmetic the programs run: `arithmetic`, fused with the couplings' compile settings when
+        `compile_couplings` compiled them (`meft_fx.runtime.fused_steps`)."""
+        settings = self.compile_settings
+        if settings is None or torch.compiler.is_exporting():
+            return self.arithmetic
+        if self.__dict__["_fused"] is None:
+            self.__dict__["_fused"] = self.arithmetic.fused(FusedSteps(settings))
+        return self.__dict__["_fused"]
 
     def select(self, h1, h2):
         """The stack's output from its two final streams: one of them, or their mean (`out_index`)."""
@@ -186,6 +199,7 @@ class ReversibleStack(nn.Module):
             for m in (c.F, c.G):
                 m.compile(backend=backend, mode=mode, options=options, dynamic=dynamic)
         self.__dict__["_compile_settings"] = dict(backend=backend, mode=mode, options=options, dynamic=dynamic)
+        self.__dict__["_fused"] = None
 
     @property
     def compile_settings(self) -> dict | None:
