@@ -61,7 +61,8 @@ def _grads(model, inputs, seed=0):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     model(**inputs).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()  # torch.compile's wrapper
+            if p.grad is not None}
 
 
 def _runners(model, inputs, numerics, same_masks_as_eager, outer, bare, baseline) -> dict:

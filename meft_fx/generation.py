@@ -12,7 +12,10 @@ keys/values to the model's cache and attends over all of them (`passes.transform
 The stack's context (masks, rotary tables, sizes) is computed by nodes of the captured graph from
 values made outside the layers. `CachePlan` reads that cone off the graph once and finds each
 outside value among the layers' arguments by value, in one probe call of the example; sizes come
-from the new tokens' shape. The plan is checked end to end when it is made: a cached call of the
+from the new tokens' shape. While the original runs for the plan (the probe, every cached call),
+transformers' skip of an all-causal mask is off (`explicit_masks`): without padding it would pass
+the layers None (SDPA's is_causal), where the captured graph always builds the mask, so the stack
+would find no mask to read. The plan is checked end to end when it is made: a cached call of the
 example must give the captured graph's output (else `CacheUnsupported`, and `convert` turns the
 cache off with the reason in `explain`).
 
@@ -23,7 +26,9 @@ the masks and positions from the model's own code keeps them right for every cac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import types
 import warnings
 
@@ -154,7 +159,7 @@ class CachePlan:
         interp = fx.Interpreter(self.conv.graph_module, garbage_collect_values=False)
         try:
             with module_mode(self.original, False), module_mode(self.conv.graph_module, False), torch.no_grad(), \
-                    torch.random.fork_rng():
+                    torch.random.fork_rng(), explicit_masks():
                 self.original(*args, **kwargs)
                 interp.run(*CallSpec.flatten(args, kwargs)[0])
         finally:
@@ -241,7 +246,8 @@ class CachePlan:
         for pos, name in enumerate(self.names):
             container._modules[name] = _StandIn(self, pos, saved[name])
         try:
-            return self.original(*args, **kwargs)
+            with explicit_masks():
+                return self.original(*args, **kwargs)
         finally:
             container._modules.clear()
             container._modules.update(saved)
@@ -289,6 +295,23 @@ class CachePlan:
                     g_context=c.g_context), "forward", arith, n_ctx, dtype), checked=False)
                 for c, (F, G) in zip(self.stack.couplings, self._blocks)]
         return progs
+
+
+@contextlib.contextmanager
+def explicit_masks():
+    """While inside, transformers builds every causal mask as a tensor, padding or not (it otherwise passes the
+    layers None when nothing is masked and SDPA's is_causal can stand for the mask). A no-op for models that do
+    not use transformers' masking utilities."""
+    utils = sys.modules.get("transformers.masking_utils")
+    skip = getattr(utils, "_ignore_causal_mask_sdpa", None)
+    if skip is None:
+        yield
+        return
+    utils._ignore_causal_mask_sdpa = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        utils._ignore_causal_mask_sdpa = skip
 
 
 def _inside(node: fx.Node, layers) -> bool:

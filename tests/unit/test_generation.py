@@ -79,6 +79,27 @@ def test_cached_generation_gives_the_uncached_tokens(name):
         assert cache.layers[0].keys.shape[1] == rev.config.num_key_value_heads == 2
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_unpadded_example_inputs_plan_the_cache(with_mask):
+    """A training batch without padding as the example (input_ids and labels, with or without an all-ones
+    mask): transformers passes its layers no mask for it (SDPA's is_causal), the captured graph builds one;
+    the plan still finds it (the probe and cached calls build masks explicitly) and generates cached, the
+    uncached tokens, past a sliding window of 8 too (the example's 6 tokens fit in it: no mask either)."""
+    torch.manual_seed(0)
+    cfg = tf.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, sliding_window=8, **SMALL)
+    ids = _prompts(2, 6)[0]
+    example = dict(input_ids=ids, labels=ids, **({"attention_mask": torch.ones_like(ids)} if with_mask else {}))
+    rev = meft_fx.convert(tf.MistralForCausalLM(cfg), example_inputs=example).eval()
+    conv = _owner(rev)
+    assert rev.generation_config.use_cache is True and not conv.__dict__.get("cache_unsupported")
+    for ids, mask in (_prompts(1, 5), _prompts(3, 6, left_pad=(2, 0, 1))):
+        captured = conv.variants
+        cached = _generate(rev, ids, mask)
+        assert conv.variants == captured
+        _assert_same(cached, _generate(rev, ids, mask, use_cache=False))
+
+
 @pytest.mark.slow
 def test_sampling_and_a_trained_model_generate_like_uncached():
     """Sampling with a seed draws the same tokens; after training steps (adapters changed, model left
