@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import CallSpec, module_mode
 from .nn.cached_attention import using_cache
+from .passes.fx.dataflow import size_expr
 from .passes.fx.ops import attention_nodes
 from .passes.fx.provenance import module_paths
 from .passes.transforms.cache_attention import cache_attention
@@ -189,8 +190,8 @@ class CachePlan:
     def _source(self, node, env, calls):
         val = node.meta.get("val")
         if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool):
-            expr = val.node.expr if isinstance(val, torch.SymInt) else val
-            free = getattr(expr, "free_symbols", set()) - set(self.sizes)
+            expr = size_expr(val)
+            free = expr.free_symbols - set(self.sizes)
             if free:
                 raise CacheUnsupported(f"{node.format_node()}: a size not read off the layers' input")
             return ("size", expr)
@@ -280,7 +281,7 @@ class CachePlan:
     @staticmethod
     def _value(src, calls, sizes):
         if src[0] == "size":
-            return int(src[1].xreplace(sizes)) if hasattr(src[1], "xreplace") else src[1]
+            return int(src[1].xreplace(sizes))
         return _get(calls[src[1]], src[2])
 
     def _programs(self, dtype):
