@@ -7,14 +7,17 @@ stream arithmetic compiled too. Eagerly, an update
 
 is about ten passes over the stream and three range reductions, each read back to the host
 (`fixed_point.quantize`, `shift_down`, `add_checked`); the backward's restore is about as many.
-Compiled (with F's and G's settings), each is one kernel call. The update's kernel also returns
+Compiled (with F's and G's backend, options and dynamic shapes, never CUDA graphs), each is one
+compiled call: the packing of the kept bits stays eager (fused with the rest, inductor made the
+whole update 10x slower). The update's kernel also returns
 one flag, true when any of the eager checks might fail (a value of `out` not finite or outside the
 range int64 holds, a sum that overflows); then the eager steps run on the same values and raise
 their precise error (or, at the very edge of the range, where the flag is conservative, return
 the same result). Either way the bits are the eager steps' (tested).
 
 The generated programs call `update` and `restore` with the stack's `FusedSteps` (a program
-attribute, printed like a ChunkPlan); the kernels are compiled on first use, one per settings.
+attribute, printed like a ChunkPlan); the kernels are compiled on first use, one per shift and
+settings, shared by the stacks that use them.
 """
 from __future__ import annotations
 
@@ -86,18 +89,25 @@ class FusedSteps:
             self.kernels[key] = self._shared(key)
         return self.kernels[key]
 
-    def _shared(self, key) -> nn.Module:
+    def compile_kwargs(self) -> dict:
+        """The couplings' settings without CUDA graphs (`mode` "reduce-overhead" or "max-autotune", option
+        "triton.cudagraphs"): a CUDA graph's outputs are overwritten by its next run, and an update's output is
+        the stream every later coupling reads. (No matrix products here: nothing for autotuning to tune.)"""
         s = self.settings
+        options = {k: v for k, v in (s.get("options") or {}).items() if k != "triton.cudagraphs"}
+        return dict(backend=s.get("backend", "inductor"), options=options or None, dynamic=s.get("dynamic", True))
+
+    def _shared(self, key) -> nn.Module:
+        kwargs = self.compile_kwargs()
         try:
-            shared = key + (s.get("backend"), s.get("mode"), tuple(sorted((s.get("options") or {}).items())),
-                            s.get("dynamic"))
+            shared = key + (kwargs["backend"], tuple(sorted((kwargs["options"] or {}).items())), kwargs["dynamic"])
             hash(shared)
         except TypeError:  # unhashable settings: this stack's own kernel
             shared = None
         kernel = _SHARED.get(shared) if shared is not None else None
         if kernel is None:
             kernel = _KERNELS[key[0]](*key[1:])
-            kernel.compile(**s)
+            kernel.compile(**kwargs)
             if shared is not None:
                 _SHARED[shared] = kernel
         return kernel

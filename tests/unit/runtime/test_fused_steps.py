@@ -98,6 +98,16 @@ def test_at_the_edge_of_the_range_the_flag_defers_to_the_eager_steps(steps):
     assert torch.equal(new, want_new) and torch.equal(residue, want_residue)
 
 
+def test_kernels_are_compiled_without_cuda_graphs():
+    """An update's output is the stream every later coupling reads; a CUDA graph would overwrite it on its next
+    run. So the couplings' mode and cudagraph option do not reach the kernels (the rest does)."""
+    steps = fused_steps.FusedSteps(dict(backend="inductor", mode="reduce-overhead", dynamic=True,
+                                        options={"triton.cudagraphs": True, "fallback_random": True}))
+    assert steps.compile_kwargs() == dict(backend="inductor", options={"fallback_random": True}, dynamic=True)
+    assert fused_steps.FusedSteps(dict(backend="eager", mode="max-autotune", options=None, dynamic=False)
+                                  ).compile_kwargs() == dict(backend="eager", options=None, dynamic=False)
+
+
 def test_a_copied_model_compiles_its_own_kernels(steps):
     fused_steps.update(_stream(2, 8), torch.randn(2, 8), steps, 4, FB, "y")
     assert steps.kernels
