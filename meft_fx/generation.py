@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 import types
 import warnings
 
@@ -298,21 +299,36 @@ class CachePlan:
         return progs
 
 
+_EXPLICIT = threading.local()  # .depth: how many explicit_masks() this thread is inside
+
+
 @contextlib.contextmanager
 def explicit_masks():
     """While inside, transformers builds every causal mask as a tensor, padding or not (it otherwise passes the
-    layers None when nothing is masked and SDPA's is_causal can stand for the mask). A no-op for models that do
-    not use transformers' masking utilities."""
+    layers None when nothing is masked and SDPA's is_causal can stand for the mask): in this thread only, also
+    when nested. A no-op for models that do not use transformers' masking utilities."""
     utils = sys.modules.get("transformers.masking_utils")
     skip = getattr(utils, "_ignore_causal_mask_sdpa", None)
     if skip is None:
         yield
         return
-    utils._ignore_causal_mask_sdpa = lambda *args, **kwargs: False
+    if not getattr(skip, "meft_fx_explicit", False):  # installed once; it asks the thread's flag each call
+        utils._ignore_causal_mask_sdpa = _unless_explicit(skip)
+    _EXPLICIT.depth = getattr(_EXPLICIT, "depth", 0) + 1
     try:
         yield
     finally:
-        utils._ignore_causal_mask_sdpa = skip
+        _EXPLICIT.depth -= 1
+
+
+def _unless_explicit(skip):
+    """transformers' `_ignore_causal_mask_sdpa`, answering False inside `explicit_masks` (in that thread)."""
+    @functools.wraps(skip)
+    def ignore_causal_mask_sdpa(*args, **kwargs):
+        return False if getattr(_EXPLICIT, "depth", 0) else skip(*args, **kwargs)
+
+    ignore_causal_mask_sdpa.meft_fx_explicit = True
+    return ignore_causal_mask_sdpa
 
 
 def _inside(node: fx.Node, layers) -> bool:

@@ -100,6 +100,33 @@ def test_unpadded_example_inputs_plan_the_cache(with_mask):
         _assert_same(cached, _generate(rev, ids, mask, use_cache=False))
 
 
+def test_explicit_masks_holds_in_its_thread_only_and_nests():
+    """The mask skip is off inside `explicit_masks` (nested too), in that thread only, and on again after it,
+    also after an exception: generation in one thread never changes how other code builds masks."""
+    import threading
+
+    import transformers.masking_utils as mu
+
+    from meft_fx.generation import explicit_masks
+
+    def skips():  # an unpadded 4-token causal mask: transformers skips it (SDPA's is_causal)
+        return mu._ignore_causal_mask_sdpa(None, 4, 4, 0, 0)
+
+    assert skips() is True
+    with explicit_masks():
+        with explicit_masks():
+            assert skips() is False
+        assert skips() is False
+        other = []
+        t = threading.Thread(target=lambda: other.append(skips()))
+        t.start(), t.join()
+        assert other == [True]
+    assert skips() is True
+    with pytest.raises(KeyError), explicit_masks():
+        raise KeyError("x")
+    assert skips() is True
+
+
 @pytest.mark.slow
 def test_sampling_and_a_trained_model_generate_like_uncached():
     """Sampling with a seed draws the same tokens; after training steps (adapters changed, model left
