@@ -234,7 +234,7 @@ class FusedFixedPointStreams(FixedPointStreams):
 
     @property
     def key(self) -> tuple:
-        return super().key + ("fused", id(self.steps))
+        return super().key + ("fused",) + self.steps.settings_key()  # a new compile with the same settings: same programs
 
     @property
     def attributes(self) -> dict:

@@ -21,6 +21,7 @@ settings, shared by the stacks that use them.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -62,16 +63,26 @@ class _Update(nn.Module):
 
 
 class _Restore(_Update):
-    """`_restore_body`, likewise (its own class: dynamo caches compiled code per function, up to a limit)."""
+    """`_restore_body`, likewise."""
 
     def forward(self, new, out, low):
         return _restore_body(new, out, low, self.k, self.frac_bits)
 
 
 _KERNELS = {"update": _Update, "restore": _Restore}
-#: Kernels shared by every stack compiled with the same settings: the compiled code of a function holds a
-#: limited number of variants (`torch._dynamo.config.recompile_limit`), and each kernel object is one.
+#: Compiled kernels by (step, k, frac_bits, backend, options, dynamic), shared by every stack of those settings.
 _SHARED: dict = {}
+
+
+def _kernel(name: str, k: int, frac_bits: int) -> nn.Module:
+    """A `name` kernel whose forward is a code object of its own: dynamo keeps a function's compiled variants
+    (dtype, grad mode, device, size 0 or 1) on its code object, at most `recompile_limit` (8) of them, past which
+    the function runs eagerly — shared by every shift and setting, they would run out."""
+    base = _KERNELS[name]
+    fwd = base.forward
+    code = fwd.__code__.replace(co_name=f"{name}_k{k}_f{frac_bits}")
+    forward = types.FunctionType(code, fwd.__globals__, code.co_name, fwd.__defaults__, fwd.__closure__)
+    return type(f"{base.__name__}K{k}F{frac_bits}", (base,), {"forward": forward})(k, frac_bits)
 
 
 @dataclass(eq=False)
@@ -91,28 +102,37 @@ class FusedSteps:
 
     def compile_kwargs(self) -> dict:
         """The couplings' settings without CUDA graphs (`mode` "reduce-overhead" or "max-autotune", option
-        "triton.cudagraphs"): a CUDA graph's outputs are overwritten by its next run, and an update's output is
-        the stream every later coupling reads. (No matrix products here: nothing for autotuning to tune.)"""
+        "triton.cudagraphs", backend "cudagraphs": then "eager"): a CUDA graph's outputs are overwritten by its
+        next run, and an update's output is the stream every later coupling reads. (No matrix products here:
+        nothing for autotuning to tune.)"""
         s = self.settings
+        backend = s.get("backend", "inductor")
         options = {k: v for k, v in (s.get("options") or {}).items() if k != "triton.cudagraphs"}
-        return dict(backend=s.get("backend", "inductor"), options=options or None, dynamic=s.get("dynamic", True))
+        return dict(backend="eager" if backend == "cudagraphs" else backend, options=options or None,
+                    dynamic=s.get("dynamic", True))
+
+    def settings_key(self) -> tuple:
+        """What the kernels depend on: (backend, options, dynamic) of `compile_kwargs`, or this object's identity
+        when those are not hashable (part of the kernels' and the generated programs' cache keys)."""
+        kwargs = self.compile_kwargs()
+        key = (kwargs["backend"], tuple(sorted((kwargs["options"] or {}).items())), kwargs["dynamic"])
+        try:
+            hash(key)
+        except TypeError:
+            return ("this", id(self))
+        return key
 
     def _shared(self, key) -> nn.Module:
-        kwargs = self.compile_kwargs()
-        try:
-            shared = key + (kwargs["backend"], tuple(sorted((kwargs["options"] or {}).items())), kwargs["dynamic"])
-            hash(shared)
-        except TypeError:  # unhashable settings: this stack's own kernel
-            shared = None
-        kernel = _SHARED.get(shared) if shared is not None else None
+        settings = self.settings_key()
+        kernel = _SHARED.get(key + settings) if settings[0] != "this" else None
         if kernel is None:
-            kernel = _KERNELS[key[0]](*key[1:])
-            kernel.compile(**kwargs)
-            if shared is not None:
-                _SHARED[shared] = kernel
+            kernel = _kernel(*key)
+            kernel.compile(**self.compile_kwargs())
+            if settings[0] != "this":  # unhashable settings: this object's own kernels
+                _SHARED[key + settings] = kernel
         return kernel
 
-    def __deepcopy__(self, memo):  # a copied model compiles its own kernels (compiled functions are not copied)
+    def __deepcopy__(self, memo):  # the copy looks its kernels up again (compiled modules are not copied)
         return FusedSteps(dict(self.settings))
 
     def __repr__(self) -> str:  # printed in the generated programs
@@ -121,8 +141,12 @@ class FusedSteps:
 
 def update(prev: torch.Tensor, out: torch.Tensor, steps: FusedSteps, k: int, frac_bits: int, what: str):
     """(new, residue) of the exact update `new = 2^-k·prev + out` (`FixedPointStreams.emit_update`'s steps),
-    compiled; the eager steps on the same values when the kernel flags a possible overflow."""
-    new, low, flag = steps.kernel("update", k, frac_bits)(prev.reshape(-1), out.reshape(-1))  # 1-D: one size
+    compiled; the eager steps (and their errors) for values the kernel flags and for inputs they refuse (shapes
+    that differ, a stream not int64, an update not floating point)."""
+    if out.shape != prev.shape or prev.dtype != torch.int64 or not out.is_floating_point():
+        return _eager_update(prev, out, k, frac_bits, what)
+    with torch.no_grad():  # integer results: no graph; one grad mode, one compiled variant
+        new, low, flag = steps.kernel("update", k, frac_bits)(prev.reshape(-1), out.reshape(-1))  # 1-D: one size
     if bool(flag):
         return _eager_update(prev, out, k, frac_bits, what)
     return new.view(prev.shape), (None if low is None else fxp._pack_unchecked(low, k))
@@ -139,4 +163,5 @@ def _eager_update(prev, out, k: int, frac_bits: int, what: str):
 def restore(new: torch.Tensor, out: torch.Tensor, residue, steps: FusedSteps, k: int, frac_bits: int):
     """`prev` rebuilt from `new = 2^-k·prev + out` without range checks (the backward's restore), compiled."""
     low = fxp._unpack_unchecked(residue.contiguous(), k, new.numel(), small=True) if k else None
-    return steps.kernel("restore", k, frac_bits)(new.reshape(-1), out.reshape(-1), low).view(new.shape)
+    with torch.no_grad():
+        return steps.kernel("restore", k, frac_bits)(new.reshape(-1), out.reshape(-1), low).view(new.shape)

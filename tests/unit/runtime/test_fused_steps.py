@@ -100,12 +100,14 @@ def test_at_the_edge_of_the_range_the_flag_defers_to_the_eager_steps(steps):
 
 def test_kernels_are_compiled_without_cuda_graphs():
     """An update's output is the stream every later coupling reads; a CUDA graph would overwrite it on its next
-    run. So the couplings' mode and cudagraph option do not reach the kernels (the rest does)."""
+    run. So the couplings' mode, cudagraph option and cudagraphs backend do not reach the kernels (the rest does)."""
     steps = fused_steps.FusedSteps(dict(backend="inductor", mode="reduce-overhead", dynamic=True,
                                         options={"triton.cudagraphs": True, "fallback_random": True}))
     assert steps.compile_kwargs() == dict(backend="inductor", options={"fallback_random": True}, dynamic=True)
     assert fused_steps.FusedSteps(dict(backend="eager", mode="max-autotune", options=None, dynamic=False)
                                   ).compile_kwargs() == dict(backend="eager", options=None, dynamic=False)
+    assert fused_steps.FusedSteps(dict(backend="cudagraphs", mode=None, options=None, dynamic=True)
+                                  ).compile_kwargs()["backend"] == "eager"
 
 
 def test_a_copied_model_compiles_its_own_kernels(steps):
@@ -141,3 +143,39 @@ def test_a_compiled_stack_runs_the_fused_steps_with_the_same_gradients():
         assert torch.equal(loss_e, loss_c) and ge.keys() == gc.keys() and ge
         for n in ge:
             assert torch.equal(ge[n], gc[n]), n
+
+
+def test_each_shift_has_its_own_compiled_code(steps):
+    """Dynamo keeps at most `recompile_limit` (8) compiled variants per function: with one function for every
+    kernel, 9 shifts × 2 grad modes would run out and the later kernels would run eagerly. Each (step, shift)
+    has its own code, and runs under no_grad (one grad mode): a graph per shift."""
+    shifts = range(torch._dynamo.config.recompile_limit + 1)
+    for k in shifts:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                fused_steps.update(_stream(2, 8), torch.randn(2, 8), steps, k, FB, "y")
+    assert counters["stats"]["unique_graphs"] == len(shifts), dict(counters["stats"])
+
+
+def test_an_update_that_is_not_the_streams_shape_or_dtype_is_the_eager_error(steps):
+    prev = _stream(2, 9, 16)
+    for out, match in [(torch.randn(2, 16, 9), "the update has shape"), (torch.randn(1), "the update has shape"),
+                       (torch.ones(2, 9, 16, dtype=torch.int64), "floating")]:
+        with pytest.raises(ValueError, match=match):
+            fused_steps.update(prev, out, steps, 4, FB, "y")
+
+
+def test_a_new_compile_with_the_same_settings_reuses_the_programs():
+    """Programs are cached per arithmetic key: compiling again with the same settings, or switching numerics
+    there and back, makes no new programs (nor keeps old ones alive)."""
+    arch = make("llama", num_layers=1, hidden=32)
+    rev = meft_fx.convert(arch.model, example_inputs=arch.make_inputs(2, 5))
+    stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))
+    stack.compile_couplings(backend="eager")
+    first = stack.program(0, "forward", torch.float32)
+    stack.compile_couplings(backend="eager")
+    stack.numerics = "float"
+    stack.numerics = "exact"
+    assert stack.program(0, "forward", torch.float32) is first
+    stack.compile_couplings(backend="eager", options={"some_option": True})  # other settings: other programs
+    assert stack.program(0, "forward", torch.float32) is not first
