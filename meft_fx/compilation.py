@@ -11,11 +11,15 @@ compiled all the same: every coupling's F and G GraphModule is compiled on its o
 (`nn.Module.compile`, dynamic shapes), and the *same* compiled F/G serve the forward (inference
 graph, under no_grad) and the backward's recompute (training graph with its compiled backward).
 Inductor draws dropout masks from a seed taken from the global generator at each call, so the
-RNG replay of the recompute gives the recompute exactly the masks of the forward.
+RNG replay of the recompute gives the recompute exactly the masks of the forward. The exact
+arithmetic's steps between F and G (each update, and each restore of the backward) run compiled as
+well, one kernel each with the same settings (no CUDA graphs), the same bits as eagerly
+(`meft_fx.runtime.fused_steps`).
 
     outer graph (embeddings, masks, head, loss)   compiled by torch.compile
       └─ ReversibleStack                           graph break (dynamo.disable'd): the Python loop
-           ├─ coupling 0: F, G                     compiled (inference + training graphs)
+           ├─ coupling 0: F, G                     compiled (inference + training graphs); the stream
+           │                                       arithmetic's update / restore: one compiled kernel each
            ├─ coupling 1: F, G                     compiled
            ...
 

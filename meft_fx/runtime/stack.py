@@ -194,7 +194,8 @@ class ReversibleStack(nn.Module):
 
     # ---------------------------------------------------------------------------- torch.compile
     def compile_couplings(self, *, backend="inductor", mode=None, options=None, dynamic=True) -> None:
-        """Compile every coupling's F and G (`nn.Module.compile`); the programs call them compiled."""
+        """Compile every coupling's F and G (`nn.Module.compile`); the programs call them compiled, and run the
+        exact arithmetic's update and restore as compiled kernels of the same settings (`running_arithmetic`)."""
         for c in self.couplings:
             for m in (c.F, c.G):
                 m.compile(backend=backend, mode=mode, options=options, dynamic=dynamic)
