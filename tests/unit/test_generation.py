@@ -79,7 +79,7 @@ def test_cached_generation_gives_the_uncached_tokens(name):
         assert cache.layers[0].keys.shape[1] == rev.config.num_key_value_heads == 2
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_mask", [False, pytest.param(True, marks=pytest.mark.slow)])  # (fast suite time)
 def test_unpadded_example_inputs_plan_the_cache(with_mask):
     """A training batch without padding as the example (input_ids and labels, with or without an all-ones
     mask): transformers passes its layers no mask for it (SDPA's is_causal), the captured graph builds one;
