@@ -21,6 +21,7 @@ settings, shared by the stacks that use them.
 """
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -111,9 +112,8 @@ class FusedSteps:
         return dict(backend="eager" if backend == "cudagraphs" else backend, options=options or None,
                     dynamic=s.get("dynamic", True))
 
-    def settings_key(self) -> tuple:
-        """What the kernels depend on: (backend, options, dynamic) of `compile_kwargs`, or this object's identity
-        when those are not hashable (part of the kernels' and the generated programs' cache keys)."""
+    @functools.cached_property
+    def _settings_key(self) -> tuple:
         kwargs = self.compile_kwargs()
         key = (kwargs["backend"], tuple(sorted((kwargs["options"] or {}).items())), kwargs["dynamic"])
         try:
@@ -121,6 +121,12 @@ class FusedSteps:
         except TypeError:
             return ("this", id(self))
         return key
+
+    def settings_key(self) -> tuple:
+        """What the kernels depend on: (backend, options, dynamic) of `compile_kwargs`, or this object's identity
+        when those are not hashable (part of the kernels' and the generated programs' cache keys, so it is read on
+        every program lookup: made once)."""
+        return self._settings_key
 
     def _shared(self, key) -> nn.Module:
         settings = self.settings_key()
