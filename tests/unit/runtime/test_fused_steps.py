@@ -110,7 +110,9 @@ def test_kernels_are_compiled_without_cuda_graphs():
                                   ).compile_kwargs()["backend"] == "eager"
 
 
-def test_a_copied_model_compiles_its_own_kernels(steps):
+def test_a_copy_looks_its_kernels_up_again(steps):
+    """deepcopy (of a compiled model) copies the settings, not the compiled modules: it finds them again in the
+    shared cache on first use."""
     fused_steps.update(_stream(2, 8), torch.randn(2, 8), steps, 4, FB, "y")
     assert steps.kernels
     twin = copy.deepcopy(steps)
