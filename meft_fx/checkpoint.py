@@ -53,9 +53,9 @@ FORMAT_VERSION = 1
 SAMPLE = 4096  # elements hashed per frozen tensor
 # MEFTConfig fields that change what the saved weights compute; the others may differ at load time.
 NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits",
-                  "modules_to_save")
+                  "modules_to_save", "leak_compensation")
 # What a field was before it existed (folders saved by older versions lack it).
-NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "modules_to_save": []}
+NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "modules_to_save": [], "leak_compensation": False}
 
 
 def _class_name(model: nn.Module) -> str:
@@ -96,7 +96,8 @@ def _tensor_digest(t: torch.Tensor) -> str:
     flat = t.reshape(-1)
     n = flat.numel()
     if n > SAMPLE:
-        flat = flat[torch.linspace(0, n - 1, SAMPLE, device=flat.device).long()]
+        # float32 positions, as folders saved before were hashed; rounded up to n past 2^24 elements: clamped
+        flat = flat[torch.linspace(0, n - 1, SAMPLE, device=flat.device).long().clamp_(max=n - 1)]
     data = flat.contiguous().cpu()
     if data.numel():
         data = data.view(torch.uint8)
@@ -288,7 +289,7 @@ def adapter_config(folder: str | os.PathLike) -> MEFTConfig:
     """The MEFTConfig the adapters in `folder` were trained with, to convert the base model again:
     `meft_fx.load_adapters(meft_fx.convert(base, adapter_config(folder)), folder)`."""
     record = _read_record(Path(folder))
-    cfg = dict(record["meft_config"])
+    cfg = {**NETWORK_DEFAULTS, **record["meft_config"]}
     known = set(MEFTConfig.__dataclass_fields__)
     return MEFTConfig(**{k: v for k, v in cfg.items() if k in known})
 

@@ -57,9 +57,16 @@ CAPTURES = ("auto", "export", "fx")
 OUTPUTS = ("pretrained", "mean")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 
-#: numerics="exact": λ and β are powers of two 2^-k; k when `lam`/`beta` are None, chosen by
-#: measurement on all-MiniLM-L6-v2 (starting-point cosine vs bits stored; see the README).
+#: numerics="exact": λ and β are powers of two 2^-k. With `lam`, `beta` and `scale_bits` None, convert measures the
+#: starting point for k = SCALE_BITS_SEARCH[0], [1], ... and keeps the first within `start_tolerance`
+#: (`meft_fx.starting_point`); EXACT_DEFAULT_K is what a config not yet measured (`MEFTConfig.scales`) stands for.
 EXACT_DEFAULT_K = 4
+#: The scales (k of 2^-k) the starting-point measurement tries, fewest stored bits first.
+SCALE_BITS_SEARCH = tuple(range(2, 13))
+#: `MEFTConfig.start_tolerance=None`: the tolerance per measure of the starting point. KL 0.01 nats: on SmolLM2-135M
+#: (30 layers) k = 5 measures 0.015 and keeps 95.0-96.3 % of the original's top-1 next tokens on prose, depending on
+#: the adapters' random init; k = 6 measures 0.005 and keeps 96-97 %. 1 − cosine 0.02: MiniLM's MEFT3 at k = 4 (0.014).
+DEFAULT_START_TOLERANCE = {"kl": 0.01, "cosine": 0.02}
 #: `MEFTConfig.recompute_chunk_bytes` default: 3 MiB of a position-wise block's widest activation per chunk.
 #: Every chunk re-reads the block's weights and runs smaller matrix products, so fewer chunks are faster: on the
 #: README's 8-layer LLaMA decoder (batch 2, sequence 512, intermediate 1376) one training step took 1.68 s unchunked,
@@ -101,9 +108,19 @@ class MEFTConfig:
             MEFT3's F and G, so MEFT1 (the whole layer as F). The converted model's `meft_config`
             holds the method used. method="meft3" on such a model is a ConversionError.
         lam: scale λ on stream 1 (h1_n = λ·h1_{n-1} + F(h2_{n-1})). None = the default for `method`:
-            the paper's value with float numerics, 2^-EXACT_DEFAULT_K (or 1) with exact numerics.
+            the paper's value with float numerics; with exact numerics 2^-k (or 1 for a stream the method does
+            not scale), k = `scale_bits` or, when that is None too, measured at convert time (the fewest stored
+            bits that keep the converted model within `start_tolerance` of the original: `meft_fx.starting_point`).
             With exact numerics it must be a power of two 2^-k.
         beta: scale β on stream 2 (h2_n = β·h2_{n-1} + G(h1_n)). None and powers of two: as for `lam`.
+        scale_bits: k of λ = β = 2^-k for every stream the method scales (MEFT3 both, MEFT1 λ, MEFT2 β): k bits
+            per element per scaled stream per layer are stored. None (default): measured at convert time (see
+            `lam`); an integer in [0, 16] fixes it. A `lam` or `beta` given as well takes precedence for its stream.
+        start_tolerance: how far the converted model may start from the original: the mean KL divergence (nats)
+            of its next-token distribution from the original's for a model with a vocabulary head, else
+            1 − the mean cosine similarity of the converted module's output hidden states. Convert measures it
+            (`explain` shows it), chooses the scale by it when none is given, and warns when the model is
+            further. None (default): 0.01 for the KL, 0.02 for 1 − cosine (`DEFAULT_START_TOLERANCE`).
         adapter_rank: bottleneck width r of every adapter (Linear d→r → act → dropout → Linear r→d).
         adapter_activation: the adapter's non-linearity, one of "relu", "gelu", "tanh", "silu".
         adapter_dropout: dropout probability inside adapters (paper: 0.1).
@@ -123,6 +140,12 @@ class MEFTConfig:
             fewer, e.g. 24 (range ±2^39, resolution 6e-8). Ignored by float numerics.
         reversible: True runs the backward by reconstructing activations (caches ~nothing).
             False builds the very same network and trains it with ordinary autograd: the reference.
+        leak_compensation: True (default) writes each pretrained half as F'(x) = F(x) − λ·x (its skip connection
+            keeps 1 − λ of its input; likewise G' = G − β·y): a coupling then adds λ times the two streams'
+            difference to the pretrained chain, not λ times a whole stream, which keeps a deep pre-norm decoder at
+            its pretrained output (perplexity ×1350 without it on SmolLM2-135M at λ = β = 2^-4; see
+            docs/numerics.md). Exact in both arithmetics; adapters standing alone are never compensated.
+            False: the paper's couplings, y1 = λ·x1 + F(x2).
         output: which stream leaves the stack. "pretrained" (default) is the stream last written by the
             pretrained blocks, which preserves the pretrained model's output at initialisation;
             "mean" averages both streams as the paper's BERT code did.
@@ -164,6 +187,8 @@ class MEFTConfig:
     method: str = AUTO
     lam: Optional[float] = None
     beta: Optional[float] = None
+    scale_bits: Optional[int] = None
+    start_tolerance: Optional[float] = None
     adapter_rank: int = 8
     adapter_activation: str = "relu"
     adapter_dropout: float = 0.1
@@ -171,6 +196,7 @@ class MEFTConfig:
     numerics: str = "exact"
     frac_bits: int = DEFAULT_FRAC_BITS
     reversible: bool = True
+    leak_compensation: bool = True
     output: str = "pretrained"
     train_head: bool = True
     modules_to_save: tuple = ()
@@ -200,13 +226,18 @@ class MEFTConfig:
             raise ValueError(f"MEFTConfig.modules_to_save={self.modules_to_save!r} must be a tuple or list of module "
                              f"names, e.g. ('lm_head',)")
         self.modules_to_save = tuple(self.modules_to_save)
+        if self.scale_bits is not None:
+            _integer("scale_bits", self.scale_bits, 0, MIN_SCALE_K)
+        if self.start_tolerance is not None:
+            _number("start_tolerance", self.start_tolerance, "a number > 0 (or None: the default per measure)",
+                    lambda v: 0.0 < v < math.inf)
         _integer("adapter_rank", self.adapter_rank, 1, None)
         _integer("frac_bits", self.frac_bits, 8, MAX_FRAC_BITS)
         _integer("loss_chunk_bytes", self.loss_chunk_bytes, 1, None)
         _integer("recompute_chunk_bytes", self.recompute_chunk_bytes, 0, None)
         _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         _number("adapter_init_std", self.adapter_init_std, "a finite number > 0", lambda v: 0.0 < v < math.inf)
-        for name in ("reversible", "train_head", "chunk_loss", "inplace", "verbose"):
+        for name in ("reversible", "leak_compensation", "train_head", "chunk_loss", "inplace", "verbose"):
             if not isinstance(getattr(self, name), bool) and not (name == "verbose" and self.verbose is None):
                 raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False"
                                  + (" (or None: shown after 2 s)" if name == "verbose" else ""))
@@ -263,9 +294,22 @@ class MEFTConfig:
         """(λ, β, swap) actually used: the given λ/β, or the method's defaults for the numerics."""
         spec = self.spec
         pow2 = ARITHMETICS[self.numerics].powers_of_two
-        lam, beta = spec.exact_scales(EXACT_DEFAULT_K) if pow2 else (spec.lam, spec.beta)
+        if self.scale_bits is not None:
+            lam, beta = spec.exact_scales(self.scale_bits)
+        else:
+            lam, beta = spec.exact_scales(EXACT_DEFAULT_K) if pow2 else (spec.lam, spec.beta)
         return (float(self.lam) if self.lam is not None else lam,
                 float(self.beta) if self.beta is not None else beta, spec.swap)
+
+    def tolerance(self, metric: str) -> float:
+        """The start tolerance for `metric` ("kl" or "cosine"): `start_tolerance`, or the default for the metric."""
+        return float(self.start_tolerance) if self.start_tolerance is not None else DEFAULT_START_TOLERANCE[metric]
+
+    @property
+    def measures_scale(self) -> bool:
+        """True when convert chooses the scale by measuring the starting point (exact numerics, no λ/β/k given)."""
+        return ARITHMETICS[self.numerics].powers_of_two and self.lam is None and self.beta is None \
+            and self.scale_bits is None
 
     @property
     def exponents(self) -> Optional[tuple[int, int]]:

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import chunked_loss, generation
+from . import chunked_loss, generation, starting_point
 from .capture import CallSpec, capture, is_transformers_model, module_mode, normalize_inputs, serves
 from .compilation import compile_like
 from .config import MEFTConfig
@@ -55,6 +55,9 @@ class ConvertedModule(nn.Module):
     reusing the same adapters and pretrained parameters, like torch.compile recompiling on a guard
     failure.
     """
+
+    #: How far this module starts from the original (`meft_fx.starting_point.StartingPoint`; set by convert).
+    starting_point = None
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
                  unmatched: list, owner: str, example: tuple | None = None):
@@ -425,6 +428,7 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     _check_model(model)
     progress = Progress(config.verbose)
     target = model if config.inplace else copy.deepcopy(model)
+    probe = _probe(target, example_inputs)  # before the rewrite: the original model may sample it
     gen_cfg = getattr(target, "generation_config", None) if is_transformers_model(target) else None
     generate_cached = getattr(gen_cfg, "use_cache", False)
     if is_transformers_model(target):  # captures and training calls run without a KV cache
@@ -437,6 +441,9 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     saved = modules_to_save(target, config.modules_to_save)
     out = _convert_owners(target, args, kwargs, config, progress)
     _chunk_head(out, config)
+    convs = [m for m in out.modules() if isinstance(m, ConvertedModule)]
+    starting_point.choose_scale(out, convs, config, *(probe if probe else ((args, kwargs), "the model's dummy inputs")),
+                                progress)
     if generate_cached and callable(getattr(out, "can_generate", None)) and out.can_generate():
         gen_cfg.use_cache = _plan_caches(out, progress)
     _freeze(out, config, trainable_before, saved)
@@ -451,6 +458,18 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
              f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)"
              + ("; the LM head stays frozen (MEFTConfig(modules_to_save=('lm_head',)) trains it)" if frozen_head else ""))
     return out
+
+
+def _probe(model: nn.Module, example_inputs):
+    """((args, kwargs), description) the starting point is measured on (`meft_fx.starting_point`): the caller's
+    example inputs, else text a causal LM samples itself; None: the model's dummy inputs."""
+    if example_inputs is not None:
+        return normalize_inputs(model, example_inputs), "the example inputs"
+    sampled = starting_point.sample_probe(model) if is_transformers_model(model) else None
+    if sampled is None:
+        return None
+    n, t = sampled["input_ids"].shape
+    return ((), sampled), f"{n} × {t} tokens the original model sampled"
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

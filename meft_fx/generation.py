@@ -288,13 +288,15 @@ class CachePlan:
     def _programs(self, dtype):
         """Every coupling's forward program with the cached attention blocks, for F/G dtype `dtype`."""
         arith, n_ctx = self.stack.arithmetic, self.stack.num_context
-        key = (dtype, arith.key, tuple((c.lam, c.beta, c.swap) for c in self.stack.couplings))
+        key = (dtype, arith.key, tuple((c.lam, c.beta, c.swap, c.compensate_f, c.compensate_g)
+                                       for c in self.stack.couplings))
         progs = self.programs.get(key)  # made again when the stack's numerics or scales change
         if progs is None:
             progs = self.programs[key] = [
                 inference_program(coupling_program(types.SimpleNamespace(
                     F=F, G=G, chunks={}, lam=c.lam, beta=c.beta, swap=c.swap, f_context=c.f_context,
-                    g_context=c.g_context), "forward", arith, n_ctx, dtype), checked=False)
+                    g_context=c.g_context, compensate_f=c.compensate_f, compensate_g=c.compensate_g),
+                    "forward", arith, n_ctx, dtype), checked=False)
                 for c, (F, G) in zip(self.stack.couplings, self._blocks)]
         return progs
 

@@ -22,8 +22,11 @@ and then measure: gradients accumulate into the existing buffers and `retained_b
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -121,10 +124,34 @@ def measure_step_memory(step: Callable[[], Any], device: str | torch.device = "c
         raise ValueError(f"measure_step_memory supports cpu and cuda devices, not {dev}")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silenced_fds():  # the profiler's start and stop print lines of their own (USDT probes) from C++
+        prof.__enter__()
+    try:
         out = step()
         del out
+    finally:
+        with _silenced_fds():
+            prof.__exit__(None, None, None)
     return _from_deltas(memory_deltas(prof))
+
+
+@contextlib.contextmanager
+def _silenced_fds():
+    """Standard output and error (the file descriptors, which C++ writes to) go to /dev/null inside."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+        os.close(null)
 
 
 def median_step_time(step: Callable[[], Any], warmup: int = 1, repeats: int = 5,

@@ -147,7 +147,7 @@ def _compile(model):
     return torch.compile(model), "full fine-tuning, torch.compile (inductor), activation_memory_budget=0"
 
 
-def _meft(model, method: str, example_inputs: dict):
+def _meft(model, method: str, example_inputs: dict, spec: BenchModel):
     meft, numerics, *rest = method.split("_")
     chunk = "nochunk" not in rest
     try:
@@ -156,11 +156,15 @@ def _meft(model, method: str, example_inputs: dict):
     except Exception as e:
         raise Unavailable(f"meft_fx.convert is not importable ({type(e).__name__}: {e})") from e
     try:
-        cfg = MEFTConfig(method=meft, numerics=numerics, chunk_loss=chunk)
-        converted = convert(model, cfg, example_inputs=dict(example_inputs))
+        exact = numerics == "exact"
+        cfg = MEFTConfig(method=meft, numerics=numerics, chunk_loss=chunk, scale_bits=spec.scale_bits if exact else None)
+        converted = convert(model, cfg, example_inputs=None if spec.pretrained else dict(example_inputs))
     except Exception as e:
         raise Unavailable(f"convert raised {type(e).__name__}: {_short(e)}") from e
-    return converted, f"meft_fx.convert(method={meft!r}, numerics={numerics!r}{'' if chunk else ', chunk_loss=False'})"
+    k = converted.meft_config.scale_bits
+    scale = ("" if k is None else f", k = {k}" + (" (measured)" if spec.pretrained else " (fixed)"))
+    return converted, (f"meft_fx.convert(method={meft!r}, numerics={numerics!r}{'' if chunk else ', chunk_loss=False'})"
+                       + scale)
 
 
 def prepare(method: str, model, batch: dict, spec: BenchModel | None = None):
@@ -179,9 +183,9 @@ def prepare(method: str, model, batch: dict, spec: BenchModel | None = None):
     if method == "compile_budget0":
         return _compile(model)
     if method in MEFT_METHODS or method in NOCHUNK_METHODS:
-        return _meft(model, method, batch)
+        return _meft(model, method, batch, spec)
     if method in COMPILED_METHODS:
-        converted, note = _meft(model, method[: -len("_compiled")], batch)
+        converted, note = _meft(model, method[: -len("_compiled")], batch, spec)
         import meft_fx
 
         return meft_fx.compile(converted), note + " + meft_fx.compile (inductor, dynamic shapes)"
@@ -429,7 +433,8 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
     With `out`, writes bench.md (the table), bench.json (the rows) and bench_memory.png.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    spec = BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate, lora_dropout, experts, top_k)
+    spec = BenchModel.smollm2(lora_dropout) if arch == "smollm2" else \
+        BenchModel(arch, hidden, vocab, heads, kv_heads, intermediate, lora_dropout, experts, top_k)
     methods = expand_methods(methods)
     depths, seqs = [int(d) for d in depths], [int(s) for s in seqs]
     rows: list[dict] = []
@@ -629,8 +634,9 @@ def _ints(text: str) -> list[int]:
 def _generate(args) -> list[dict]:
     from .generation import format_generation, measure_generation
 
-    spec = BenchModel(args.arch, args.hidden, args.vocab, args.heads, args.kv_heads, args.intermediate,
-                      experts=args.experts, top_k=args.top_k)
+    spec = BenchModel.smollm2() if args.arch == "smollm2" else BenchModel(
+        args.arch, args.hidden, args.vocab, args.heads, args.kv_heads, args.intermediate, experts=args.experts,
+        top_k=args.top_k)
     rows = measure_generation(spec, args.depths[0], rounds=args.repeats, dtype=DTYPES[args.dtype],
                               device=args.device, seed=args.seed)
     text = format_generation(rows, spec.title)
@@ -641,11 +647,45 @@ def _generate(args) -> list[dict]:
     return rows
 
 
+def _quality_arguments(p) -> None:
+    p.add_argument("--quality", action="store_true",
+                   help="instead of one step's memory: fine-tune the real SmolLM2-135M-Instruct on a real task with "
+                        "meft_fx and with LoRA at the same budget, held-out accuracy (meft_fx.bench.quality; --out "
+                        "writes quality.md and quality.json)")
+    p.add_argument("--steps", type=int, default=100, help="--quality: training steps per run")
+    p.add_argument("--train-size", type=int, default=2000, help="--quality: training reviews")
+    p.add_argument("--eval-size", type=int, default=300, help="--quality: held-out reviews")
+    p.add_argument("--layers", type=int, default=None, help="--quality: keep the first LAYERS layers (tests)")
+    p.add_argument("--lrs", nargs="*", default=None,
+                   help="--quality: METHOD=LR[,LR...] per method (meft, lora_qv, lora_all); default "
+                        "meft=1e-3,3e-3 lora_qv=3e-4,1e-3 lora_all=3e-4,1e-3")
+
+
+def _quality(parser, args) -> list[dict]:
+    from .quality import format_quality, parse_lrs, run_quality, write_quality
+
+    try:
+        lrs = parse_lrs(args.lrs)
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("steps", "batch", "train_size", "eval_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    rows = run_quality(lrs=lrs, steps=args.steps, batch=args.batch, train_size=args.train_size,
+                       eval_size=args.eval_size, seed=args.seed, layers=args.layers)
+    if args.out is not None:
+        write_quality(rows, args.out)
+    sys.stdout.write(format_quality(rows))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """`python -m meft_fx.bench [options]`: parse `argv`, run the benchmark, write its outputs; returns the rows."""
     p = argparse.ArgumentParser(prog="python -m meft_fx.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bert", choices=ARCHS,
-                   help="bert (encoder classifier), llama (decoder LM) or mixtral (decoder LM with routed experts)")
+                   help="bert (encoder classifier), llama (decoder LM) or mixtral (decoder LM with routed experts), "
+                        "random init; smollm2: the real pretrained SmolLM2-135M-Instruct (--depths: its first "
+                        "layers, up to 30; --hidden, --vocab and the other shape options do not apply)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
     p.add_argument("--kv-heads", type=int, default=None, help="llama, mixtral: key/value heads (default: heads)")
@@ -676,9 +716,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--generate", action="store_true",
                    help="instead of training steps: generation tokens/s with the KV cache, converted vs unconverted "
                         "(meft_fx.bench.generation; a decoder --arch, first of --depths; --out writes generation.md)")
+    _quality_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quality:
+        return _quality(p, args)
     if args.generate:
         return _generate(args)
     rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,

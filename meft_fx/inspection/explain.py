@@ -32,7 +32,6 @@ from ..nn.adapter import Adapter
 from ..nn.head_loss import ChunkedHeadLoss
 from ..passes.fx.dataflow import node_value
 from ..runtime import ReversibleStack
-from ..runtime.arithmetic import scaled_add
 
 
 @dataclass
@@ -60,6 +59,47 @@ class CouplingInfo:
     kept_bytes_per_token: float | None = None
 
 
+@dataclass(frozen=True)
+class StoredState:
+    """What one reversible stack keeps for its backward, in bits per element of the hidden state (× hidden × tokens
+    for bytes), beside gradient checkpointing, which keeps one hidden-state tensor per layer in the model's dtype.
+
+    `stream_bits`: each of the two top streams (64: int64 fixed point; the dtype's bits for float streams);
+    `layer_bits`: the residues stored per layer (k1 + k2 for λ = 2^-k1, β = 2^-k2)."""
+
+    stack: str
+    layers: int
+    stream_bits: int
+    layer_bits: int
+    dtype: str
+    dtype_bits: int
+
+    @property
+    def total_bits(self) -> int:
+        """Bits per element of the hidden state for the whole stack: two streams and every layer's residues."""
+        return 2 * self.stream_bits + self.layers * self.layer_bits
+
+    def checkpointing_bits(self, dtype_bits: int | None = None) -> int:
+        """What gradient checkpointing keeps per element for the same layers: one tensor per layer."""
+        return self.layers * (dtype_bits or self.dtype_bits)
+
+    def __str__(self) -> str:
+        ckpt = self.checkpointing_bits()
+        bf16 = "" if self.dtype_bits == 16 else f"; in bf16 checkpointing keeps {self.checkpointing_bits(16)}"
+        return (f"{self.stack}: 2 top streams × {self.stream_bits} + {self.layers} layers × {self.layer_bits} = "
+                f"{self.total_bits} bits per element of the hidden state ({self.total_bits / ckpt:.2f}× gradient "
+                f"checkpointing's {self.layers} × {self.dtype_bits} = {ckpt} in {self.dtype}{bf16})")
+
+
+def stored_state(name: str, stack: ReversibleStack) -> StoredState:
+    """The `StoredState` of `stack` (its dtype: its first floating-point parameter's)."""
+    dtype = next((p.dtype for p in stack.parameters() if p.is_floating_point()), torch.float32)
+    a = stack.arithmetic
+    n = max(1, len(stack.couplings))
+    return StoredState(name, len(stack.couplings), 8 * a.stream_itemsize(dtype), stack.stored_bits_per_element // n,
+                       str(dtype).replace("torch.", ""), 8 * dtype.itemsize)
+
+
 @dataclass
 class Explanation:
     """Report returned by `meft_fx.explain`. `str()` is a readable table.
@@ -68,6 +108,10 @@ class Explanation:
     the analysis looked at and did not rewrite, each with the reason (and the pass that decided).
     `chunked`: one line per thing that runs in chunks (a vocabulary head's loss, FFN halves).
     `generation`: per converted module, whether `generate()` runs with a KV cache (and why not).
+    `starting_points`: per converted module, how far it started from the original model when converted, the
+    scale chosen and the bits it stores per element per layer (`meft_fx.starting_point.StartingPoint`).
+    `stored`: per reversible stack, the bits per element of the hidden state it keeps for the backward (two top
+    streams and every layer's residues) beside gradient checkpointing's (`StoredState`).
     """
 
     couplings: list = field(default_factory=list)
@@ -76,6 +120,8 @@ class Explanation:
     memory_note: str = ""
     chunked: list = field(default_factory=list)  # lines: what runs in chunks (the head's loss, FFN halves)
     generation: list = field(default_factory=list)  # lines: how generate() runs (with a KV cache or why not)
+    starting_points: dict = field(default_factory=dict)  # {converted module: StartingPoint} (meft_fx.starting_point)
+    stored: list = field(default_factory=list)  # one StoredState per stack: bits per element kept for the backward
 
     @property
     def activation_bytes_saved_per_token(self) -> float | None:
@@ -123,6 +169,12 @@ class Explanation:
                          f"{format_bytes(kept)}: saves {format_bytes(total)}{pct}")
         elif self.memory_note:
             lines.append(f"activations per token: not estimated ({self.memory_note})")
+        if self.stored:
+            lines.append("kept for the backward (bits per element of the hidden state):")
+            lines.extend(f"  - {st}" for st in self.stored)
+        if self.starting_points:
+            lines.append("starting point (distance from the original model at conversion):")
+            lines.extend(f"  - {name}: {point}" for name, point in self.starting_points.items())
         if self.chunked:
             lines.append("in chunks:")
             lines.extend(f"  - {u}" for u in self.chunked)
@@ -164,9 +216,12 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
         if hasattr(m, "meft_unmatched"):
             rep.unmatched.extend(u for u in m.meft_unmatched if u not in rep.unmatched)
             owners[name] = getattr(m, "owner", "")
+            label = getattr(m, 'owner', '') or name or type(m).__name__
             line = generation_line(m)
             if line:
-                rep.generation.append(f"{getattr(m, 'owner', '') or name or type(m).__name__}: {line}")
+                rep.generation.append(f"{label}: {line}")
+            if getattr(m, "starting_point", None) is not None:
+                rep.starting_points[label] = m.starting_point
         if not isinstance(m, ReversibleStack):
             continue
         holder = max((k for k in owners if name.startswith(k + ".") or k == ""), key=len, default=None)
@@ -187,6 +242,8 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
             infos.append(info)
             i += 1
         stacks.append((name, m, infos))
+        if m.reversible:
+            rep.stored.append(stored_state(name, m))
     if not rep.couplings:
         raise ValueError(f"{type(module).__name__} has no reversible coupling; was it returned by meft_fx.convert?")
     rep.chunked = chunked_lines(module, stacks)
@@ -351,12 +408,7 @@ def measure_activation_bytes(stack: ReversibleStack, x: torch.Tensor, context: t
             a = h1.detach().requires_grad_(True)
             b = h2.detach().requires_grad_(True)
 
-            def run(c=c, a=a, b=b):
-                y1 = scaled_add(a, c.lam, c.f(b, context))
-                return y1, scaled_add(b, c.beta, c.g(y1, context))
-
-            nbytes, (y1, y2) = _saved_bytes(run, exclude)
-            h1, h2 = (y2, y1) if c.swap else (y1, y2)
+            nbytes, (h1, h2) = _saved_bytes(lambda c=c, a=a, b=b: c(a, b, context), exclude)  # the float equations
             autograd = nbytes / tokens
             arith = stack.arithmetic  # two top streams per stack + the residue bits per element per coupling
             kept = autograd if not stack.reversible else \

@@ -5,6 +5,9 @@ A coupling is the same three equations in either arithmetic (λ on stream 1, β 
     forward:   y1, r1 = update(x1, F(decode(x2)), λ)      inverse:   x2 = restore(y2, G(decode(y1)), r2, β)
                y2, r2 = update(x2, G(decode(y1)), β)                 x1 = restore(y1, F(decode(x2)), r1, λ)
 
+A leak-compensated half (F' = F − λ·x, `meft_fx.runtime.coupling`) passes its input stream as
+`source`: update then computes `new = scale·(prev − source) + out`, and restore adds `source` back.
+
 An arithmetic says what `encode`/`decode` of a stream, `update` (with the residue r it keeps) and
 its exact `restore` are, emits them into the generated programs (`meft_fx.runtime.codegen`), and
 supplies the integrity fingerprint checked in the backward, the gradient dtype, and the
@@ -113,21 +116,27 @@ class StreamArithmetic:
     def emit_decode(self, g: fx.Graph, h: fx.Node, dtype, name: str) -> fx.Node:
         return h
 
-    def emit_update(self, g: fx.Graph, prev: fx.Node, out: fx.Node, scale: float, names: tuple):
-        """(new stream, residue or None) nodes for `new = scale·prev + out`; names = (new, residue, equation)."""
+    def emit_update(self, g: fx.Graph, prev: fx.Node, out: fx.Node, scale: float, names: tuple, source=None):
+        """(new stream, residue or None) nodes for `new = scale·prev + out`; names = (new, residue, equation).
+        `source` (a leak-compensated half's input stream): `new = scale·(prev − source) + out`."""
+        if source is not None:
+            prev = g.create_node("call_function", operator.sub, (prev, source), name=f"{names[0]}_leak")
         if scale == 1.0:
             return g.create_node("call_function", operator.add, (prev, out), name=names[0]), None
         scaled = g.create_node("call_function", operator.mul, (prev, scale), name=f"{names[0]}_scaled")
         return g.create_node("call_function", operator.add, (scaled, out), name=names[0]), None
 
     def emit_restore(self, g: fx.Graph, new: fx.Node, out: fx.Node, residue, scale: float, name: str,
-                     checked: bool = True) -> fx.Node:
-        """The node of `prev` rebuilt from `new = scale·prev + out` (and the residue): (new − out) / scale.
-        `checked=False`: the caller verifies the result (the backward's fingerprint), so range checks
-        may be left out."""
+                     checked: bool = True, source=None) -> fx.Node:
+        """The node of `prev` rebuilt from `new = scale·prev + out` (and the residue): (new − out) / scale
+        (+ `source`, for a leak-compensated half). `checked=False`: the caller verifies the result (the
+        backward's fingerprint), so range checks may be left out."""
         cast = g.create_node("call_method", "type_as", (out, new), name=f"{out.name}_cast")
-        diff = g.create_node("call_function", operator.sub, (new, cast), name=name if scale == 1.0 else f"{name}_diff")
-        return diff if scale == 1.0 else g.create_node("call_function", operator.truediv, (diff, scale), name=name)
+        last = name if source is None else f"{name}_leak"
+        diff = g.create_node("call_function", operator.sub, (new, cast), name=last if scale == 1.0 else f"{name}_diff")
+        if scale != 1.0:
+            diff = g.create_node("call_function", operator.truediv, (diff, scale), name=last)
+        return diff if source is None else g.create_node("call_function", operator.add, (diff, source), name=name)
 
 
 class FloatStreams(StreamArithmetic):
@@ -205,10 +214,12 @@ class FixedPointStreams(StreamArithmetic):
     def fused(self, steps):
         return FusedFixedPointStreams(self.frac_bits, steps)
 
-    def emit_update(self, g, prev, out, scale, names):
+    def emit_update(self, g, prev, out, scale, names, source=None):
         new, residue, equation = names
         q = g.create_node("call_function", fxp.quantize, (out, self.frac_bits), name=f"{out.name}_q")
         k = exponent_of(scale)
+        if source is not None:  # quantize(F(x)) − (x >> k): F' = F − 2^-k·x in integers
+            q = g.create_node("call_function", fxp.sub_shifted, (q, source, k, equation), name=f"{out.name}_leak")
         if k == 0:
             return g.create_node("call_function", fxp.add_checked, (prev, q, equation), name=new), None
         shifted = g.create_node("call_function", fxp.shift_down, (prev, k), name=f"{prev.name}_shift")
@@ -216,10 +227,14 @@ class FixedPointStreams(StreamArithmetic):
         rem = g.create_node("call_function", operator.getitem, (shifted, 1), name=residue)
         return g.create_node("call_function", fxp.add_checked, (kept, q, equation), name=new), rem
 
-    def emit_restore(self, g, new, out, residue, scale, name, checked=True):
+    def emit_restore(self, g, new, out, residue, scale, name, checked=True, source=None):
         quantize, shift_up = (fxp.quantize, fxp.shift_up) if checked else (fxp.quantize_unchecked, fxp.shift_up_unchecked)
         q = g.create_node("call_function", quantize, (out, self.frac_bits), name=f"{out.name}_q")
         k = exponent_of(scale)
+        if source is not None:
+            args = (q, source, k, f"{name}: the leak term") if checked else (q, source, k)
+            q = g.create_node("call_function", fxp.sub_shifted if checked else fxp.sub_shifted_unchecked, args,
+                              name=f"{out.name}_leak")
         diff = g.create_node("call_function", operator.sub, (new, q), name=f"{name}_shifted" if k else name)
         return g.create_node("call_function", shift_up, (diff, residue, k), name=name) if k else diff
 
@@ -240,20 +255,22 @@ class FusedFixedPointStreams(FixedPointStreams):
     def attributes(self) -> dict:
         return {"steps": self.steps}
 
-    def emit_update(self, g, prev, out, scale, names):
+    def emit_update(self, g, prev, out, scale, names, source=None):
         new, residue, equation = names
         steps = g.create_node("get_attr", "steps", name=f"{new}_steps")
         step = g.create_node("call_function", fused_steps.update,
-                             (prev, out, steps, exponent_of(scale), self.frac_bits, equation), name=f"{new}_update")
+                             (prev, out, steps, exponent_of(scale), self.frac_bits, equation),
+                             {"source": source} if source is not None else {}, name=f"{new}_update")
         return (g.create_node("call_function", operator.getitem, (step, 0), name=new),
                 g.create_node("call_function", operator.getitem, (step, 1), name=residue))
 
-    def emit_restore(self, g, new, out, residue, scale, name, checked=True):
+    def emit_restore(self, g, new, out, residue, scale, name, checked=True, source=None):
         if checked:
-            return super().emit_restore(g, new, out, residue, scale, name, checked)
+            return super().emit_restore(g, new, out, residue, scale, name, checked, source)
         steps = g.create_node("get_attr", "steps", name=f"{name}_steps")
         return g.create_node("call_function", fused_steps.restore,
-                             (new, out, residue, steps, exponent_of(scale), self.frac_bits), name=name)
+                             (new, out, residue, steps, exponent_of(scale), self.frac_bits),
+                             {"source": source} if source is not None else {}, name=name)
 
 
 def _straight_through(carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -273,18 +290,26 @@ def _straight_through_reference(arith: FixedPointStreams, stack, x, context):
     def deq(q, carrier):
         return _straight_through(carrier, fxp.dequantize(q, fb, dtype))
 
-    def update(prev_q, scale, out, what):
+    def half(run, prev_q, prev_c, src_q, src_c, scale, compensated, what):
+        """(new stream, its carrier) of `new = scale·prev + out` (out = run(decoded src)), compensated:
+        `scale·(prev − src) + out`. The source's carrier is read through a view of its own, so that its
+        two gradients (through the half and the leak) are summed before they meet the source's others,
+        in the order the reversible backward adds them."""
+        src_c = src_c.view_as(src_c) if compensated else src_c
+        out = run(deq(src_q, src_c), context)
         k = exponent_of(scale)
-        return fxp.add_checked(prev_q >> k if k else prev_q, fxp.quantize(out, fb), what)
+        q = fxp.quantize(out, fb)
+        if compensated:
+            q = fxp.sub_shifted(q, src_q, k, what)
+        new_q = fxp.add_checked(prev_q >> k if k else prev_q, q, what)
+        return new_q, scaled_add(prev_c - src_c if compensated else prev_c, scale, out.to(gd))
 
     h1q = h2q = arith.encode(x)
     h1c = h2c = x.to(gd)
     for i, c in enumerate(stack.couplings):
         with stack.errors_named(i):
-            f = c.f(deq(h2q, h2c), context)
-            y1q, y1c = update(h1q, c.lam, f, "y1 = λ·x1 + F(x2)"), scaled_add(h1c, c.lam, f.to(gd))
-            g = c.g(deq(y1q, y1c), context)
-            y2q, y2c = update(h2q, c.beta, g, "y2 = β·x2 + G(y1)"), scaled_add(h2c, c.beta, g.to(gd))
+            y1q, y1c = half(c.f, h1q, h1c, h2q, h2c, c.lam, c.compensate_f, c.equation("F"))
+            y2q, y2c = half(c.g, h2q, h2c, y1q, y1c, c.beta, c.compensate_g, c.equation("G"))
         h1q, h2q, h1c, h2c = (y2q, y1q, y2c, y1c) if c.swap else (y1q, y2q, y1c, y2c)
     return stack.select(deq(h1q, h1c), deq(h2q, h2c))
 

@@ -16,6 +16,9 @@ program's equations fused with F's and G's vector-Jacobian products:
     F(x2) recomputed, Fᵀdy1 back-propagated → x1 = restore(y1, F(x2), r1, λ)
     dx1 = λ·dy1,  dx2 = β·dy2 + Fᵀdy1
 
+(A leak-compensated half, F' = F − λ·x: its update and restore take its input stream as `source`,
+and its input's gradient gains −λ·dy: dy1 += Gᵀdy2 − β·dy2, dx2 = β·dy2 + Fᵀdy1 − λ·dy1.)
+
 (`tape.input_grads` False — the bottom coupling of a stack whose input needs no gradient — skips
 Fᵀdy1 and dx1, dx2: F's recompute then back-propagates only into its trainable parameters.)
 
@@ -33,9 +36,9 @@ from torch import nn
 from . import fixed_point as fxp
 from .chunks import run_in_chunks
 from .replay import record_rng, replay_vjp
-from .saved import cast_grad, coupling_input_grads, take
+from .saved import add_grads_into, cast_grad, coupling_input_grads, leak_grad, take
 
-__all__ = ["coupling_program", "inference_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
+__all__ = ["coupling_program", "equation", "inference_program", "CouplingProgram", "PROGRAMS", "label_program", "PROVENANCE_KEY"]
 
 PROVENANCE_KEY = "meft_pass"
 PROGRAMS = ("forward", "inverse", "backward")
@@ -107,11 +110,19 @@ class _Emitter:
             d_in = g.create_node("call_function", cast_grad, (d_in, gd), name=f"d_{low}_in_{str(gd)[6:]}")
         return out, d_in
 
-    def update(self, prev, out, scale, new: str, residue: str, equation: str):
-        return self.arith.emit_update(self.g, prev, out, scale, (new, residue, equation))
+    def compensated(self, half: str) -> bool:
+        return self.c.compensate_f if half == "F" else self.c.compensate_g
 
-    def restore(self, new, out, residue, scale, name: str, checked: bool = True):
-        return self.arith.emit_restore(self.g, new, out, residue, scale, name, checked)
+    def update(self, half: str, prev, src, out, new: str, residue: str):
+        """`half`'s update of `prev` by `out` = half(src) (src is the leak's source when compensated)."""
+        scale = self.c.lam if half == "F" else self.c.beta
+        source = src if self.compensated(half) else None
+        return self.arith.emit_update(self.g, prev, out, scale, (new, residue, equation(self.c, half)), source)
+
+    def restore(self, half: str, new, src, out, residue, name: str, checked: bool = True):
+        scale = self.c.lam if half == "F" else self.c.beta
+        source = src if self.compensated(half) else None
+        return self.arith.emit_restore(self.g, new, out, residue, scale, name, checked, source)
 
 
 def _forward(e: _Emitter) -> None:
@@ -119,9 +130,9 @@ def _forward(e: _Emitter) -> None:
     x1, x2, e.tape = e.inputs("x1", "x2", "tape")
     e.context()
     g.call_function(record_rng, (e.tape, "F"))
-    y1, r1 = e.update(x1, e.call("F", x2), c.lam, "y1", "r1", "y1 = λ·x1 + F(x2)")
+    y1, r1 = e.update("F", x1, x2, e.call("F", x2), "y1", "r1")
     g.call_function(record_rng, (e.tape, "G"))
-    y2, r2 = e.update(x2, e.call("G", y1), c.beta, "y2", "r2", "y2 = β·x2 + G(y1)")
+    y2, r2 = e.update("G", x2, y1, e.call("G", y1), "y2", "r2")
     g.output(((y2, y1) if c.swap else (y1, y2)) + (r1, r2))
 
 
@@ -138,8 +149,8 @@ def _inverse(e: _Emitter) -> None:
     y1, y2 = _stream_inputs(e, "y1", "y2")
     r1, r2 = e.inputs("r1", "r2")
     e.context()
-    x2 = e.restore(y2, e.call("G", y1), r2, c.beta, "x2")
-    x1 = e.restore(y1, e.call("F", x2), r1, c.lam, "x1")
+    x2 = e.restore("G", y2, y1, e.call("G", y1), r2, "x2")
+    x1 = e.restore("F", y1, x2, e.call("F", x2), r1, "x1")
     g.output((x1, x2))
 
 
@@ -151,15 +162,29 @@ def _backward(e: _Emitter) -> None:
     y1, y2 = _stream_inputs(e, "y1", "y2", state, 0)
     r1, r2 = e.taken(state, ("r1", "r2"), 2)
     dy1, dy2 = _stream_inputs(e, "dy1", "dy2", state, 4)
-    out_g, dy1 = e.vjp("G", y1, dy2, grad_into=dy1, d_name="dy1_total")  # dy1 += Gᵀdy2, in place
-    x2 = e.restore(y2, out_g, r2, c.beta, "x2", checked=False)  # the Function checks the fingerprint
+    if c.compensate_g:  # dy1 += (Gᵀdy2 − β·dy2), in place
+        out_g, d_y1 = e.vjp("G", y1, dy2)
+        d_y1 = g.create_node("call_function", leak_grad, (d_y1, dy2, c.beta), name="d_g_in_leak")
+        dy1 = g.create_node("call_function", add_grads_into, (dy1, d_y1), name="dy1_total")
+    else:
+        out_g, dy1 = e.vjp("G", y1, dy2, grad_into=dy1, d_name="dy1_total")  # dy1 += Gᵀdy2, in place
+    x2 = e.restore("G", y2, y1, out_g, r2, "x2", checked=False)  # the Function checks the fingerprint
     wanted = g.create_node("call_function", getattr, (e.tape, "input_grads"), name="input_grads")
     out_f, d_x2 = e.vjp("F", x2, dy1, wanted)
-    x1 = e.restore(y1, out_f, r1, c.lam, "x1", checked=False)
+    if c.compensate_f:
+        d_x2 = g.create_node("call_function", leak_grad, (d_x2, dy1, c.lam, wanted), name="d_f_in_leak")
+    x1 = e.restore("F", y1, x2, out_f, r1, "x1", checked=False)
     dx = g.create_node("call_function", coupling_input_grads, (wanted, dy1, dy2, d_x2, c.lam, c.beta), name="dx")
     dx1 = g.create_node("call_function", operator.getitem, (dx, 0), name="dx1")
     dx2 = g.create_node("call_function", operator.getitem, (dx, 1), name="dx2")
     g.output((x1, x2, dx1, dx2))
+
+
+def equation(coupling, half: str) -> str:
+    """`half`'s update equation for any object with the coupling's attributes (generation's cached copies too)."""
+    if half == "F":
+        return "y1 = λ·(x1 − x2) + F(x2)" if coupling.compensate_f else "y1 = λ·x1 + F(x2)"
+    return "y2 = β·(x2 − y1) + G(y1)" if coupling.compensate_g else "y2 = β·x2 + G(y1)"
 
 
 _BUILDERS = {"forward": _forward, "inverse": _inverse, "backward": _backward}
@@ -185,13 +210,16 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
         n.meta[PROVENANCE_KEY] = "codegen"
     e.g.lint()
     gm = CouplingProgram(root, e.g, class_name=f"Coupling{which.capitalize()}")
+    leak = "".join(h for h, on in (("F", coupling.compensate_f), ("G", coupling.compensate_g)) if on)
     note = (f"MEFT coupling {which}, {arith.name} streams, λ={coupling.lam:g} β={coupling.beta:g}"
-            + (", swap" if coupling.swap else ""))
+            + (", swap" if coupling.swap else "") + (f", leak-compensated {' and '.join(leak)}" if leak else ""))
     return label_program(gm, "codegen", f"coupling/{which}", note)
 
 
-#: Fixed-point steps and their unchecked stand-ins (`inference_program(..., checked=False)`).
-_UNCHECKED = {fxp.quantize: fxp.quantize_unchecked, fxp.add_checked: operator.add}
+#: Fixed-point steps → (their unchecked stand-ins, how many leading arguments those take)
+#: (`inference_program(..., checked=False)`).
+_UNCHECKED = {fxp.quantize: (fxp.quantize_unchecked, 2), fxp.add_checked: (operator.add, 2),
+              fxp.sub_shifted: (fxp.sub_shifted_unchecked, 3)}
 
 
 def inference_program(prog: fx.GraphModule, checked: bool = True) -> fx.GraphModule:
@@ -203,7 +231,8 @@ def inference_program(prog: fx.GraphModule, checked: bool = True) -> fx.GraphMod
     g.output(g.graph_copy(prog.graph, {}))
     for n in list(g.nodes):
         if not checked and n.op == "call_function" and n.target in _UNCHECKED:
-            n.target, n.args = _UNCHECKED[n.target], n.args[:2]
+            target, n_args = _UNCHECKED[n.target]
+            n.target, n.args = target, n.args[:n_args]
         if n.op == "call_function" and n.target is fxp.shift_down:
             for use in list(n.users):
                 if use.args[1] == 0:

@@ -47,6 +47,8 @@ __all__ = [
     "unpack_bits",
     "checksum",
     "add_checked",
+    "sub_shifted",
+    "sub_shifted_unchecked",
     "FixedPointOverflow",
     "OVERFLOW_ADVICE",
 ]
@@ -578,3 +580,36 @@ def add_checked(a: torch.Tensor, b: torch.Tensor, what: str = "a + b") -> torch.
     if bool((((a ^ s) & (b ^ s)) < 0).any()):
         raise FixedPointOverflow(f"{what} overflows int64 fixed point ({OVERFLOW_ADVICE})")
     return s
+
+
+def sub_shifted(q: torch.Tensor, source: torch.Tensor, k: int, what: str = "q − (source >> k)") -> torch.Tensor:
+    """``q − (source >> k)`` in int64, raising :class:`FixedPointOverflow` on signed overflow.
+
+    The leak-compensated coupling's update term: a pretrained half F' = F − 2^-k·x quantized
+    as ``quantize(F(x)) − (x >> k)``, integers the inverse recomputes from x exactly (``k = 0``:
+    ``q − source``). ``what`` names the term in the error, as for :func:`add_checked`.
+
+    Raises:
+        ValueError: the shapes differ.
+        FixedPointOverflow: some element of the difference leaves [-2^63, 2^63).
+    """
+    if q.shape != source.shape:
+        raise ValueError(f"{what}: the update has shape {tuple(q.shape)}, its input stream {tuple(source.shape)}")
+    leak = source >> k if k else source
+    s = q - leak
+    if torch.compiler.is_compiling():  # torch.export: the overflow test as an op of the exported program
+        torch._assert_async(~((((q ^ leak) & (q ^ s)) < 0).any()), f"{what}: int64 overflow in fixed point")
+        return s
+    if q.numel():  # fast path: the bounds subtract exactly as Python ints
+        (qlo, qhi), (llo, lhi) = ((int(v) for v in torch.aminmax(t)) for t in (q, leak))
+        if -(1 << 63) <= qlo - lhi and qhi - llo < (1 << 63):
+            return s
+    # Overflow iff q and leak have different signs and s has leak's sign.
+    if bool((((q ^ leak) & (q ^ s)) < 0).any()):
+        raise FixedPointOverflow(f"{what} overflows int64 fixed point ({OVERFLOW_ADVICE})")
+    return s
+
+
+def sub_shifted_unchecked(q: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`sub_shifted` without its checks (inference programs check the stack's output instead)."""
+    return q - (source >> k if k else source)

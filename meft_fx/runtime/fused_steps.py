@@ -33,20 +33,31 @@ from . import fixed_point as fxp
 __all__ = ["FusedSteps", "update", "restore"]
 
 
-def _update_body(prev: torch.Tensor, out: torch.Tensor, k: int, frac_bits: int):
-    """(new, the k low bits of prev or None, flag) of `new = (prev >> k) + quantize(out)`; flag: some check may fail."""
+def _update_body(prev: torch.Tensor, out: torch.Tensor, k: int, frac_bits: int, source=None):
+    """(new, the k low bits of prev or None, flag) of `new = (prev >> k) + quantize(out)` (with a `source`:
+    `+ quantize(out) − (source >> k)`, the leak-compensated update); flag: some check may fail."""
     work = out.detach() if out.dtype == torch.float64 else out.detach().to(torch.float32)
     q = (work * (2.0 ** frac_bits)).round().to(torch.int64)
+    flag = ~(work.abs() < 2.0 ** (63 - frac_bits)).all()
+    if source is not None:
+        leak = source >> k if k else source
+        diff = q - leak
+        flag = flag | (((q ^ leak) & (q ^ diff)) < 0).any()
+        q = diff
     kept = prev >> k if k else prev
     new = kept + q
-    flag = ~(work.abs() < 2.0 ** (63 - frac_bits)).all() | (((kept ^ new) & (q ^ new)) < 0).any()
+    flag = flag | (((kept ^ new) & (q ^ new)) < 0).any()
     low = None if not k else (prev.to(torch.uint8) & ((1 << k) - 1)) if k <= 8 else prev & ((1 << k) - 1)
     return new, low, flag
 
 
-def _restore_body(new: torch.Tensor, out: torch.Tensor, low, k: int, frac_bits: int) -> torch.Tensor:
-    """`(new − quantize_unchecked(out)) · 2^k + low` (`low`: the unpacked residue, any integer dtype)."""
-    diff = new - fxp.quantize_unchecked(out, frac_bits)
+def _restore_body(new: torch.Tensor, out: torch.Tensor, low, k: int, frac_bits: int, source=None) -> torch.Tensor:
+    """`(new − quantize_unchecked(out)) · 2^k + low` (`low`: the unpacked residue, any integer dtype); with a
+    `source`, `quantize_unchecked(out) − (source >> k)` in place of the quantized output."""
+    q = fxp.quantize_unchecked(out, frac_bits)
+    if source is not None:
+        q = q - (source >> k if k else source)
+    diff = new - q
     return (diff << k) | low if k else diff
 
 
@@ -70,7 +81,21 @@ class _Restore(_Update):
         return _restore_body(new, out, low, self.k, self.frac_bits)
 
 
-_KERNELS = {"update": _Update, "restore": _Restore}
+class _LeakUpdate(_Update):
+    """`_update_body` of a leak-compensated half (its input stream as `source`)."""
+
+    def forward(self, prev, out, source):
+        return _update_body(prev, out, self.k, self.frac_bits, source)
+
+
+class _LeakRestore(_Update):
+    """`_restore_body` of a leak-compensated half."""
+
+    def forward(self, new, out, low, source):
+        return _restore_body(new, out, low, self.k, self.frac_bits, source)
+
+
+_KERNELS = {"update": _Update, "restore": _Restore, "leak_update": _LeakUpdate, "leak_restore": _LeakRestore}
 #: Compiled kernels by (step, k, frac_bits, backend, options, dynamic), shared by every stack of those settings.
 _SHARED: dict = {}
 
@@ -145,29 +170,38 @@ class FusedSteps:
         return f"FusedSteps(backend={self.settings.get('backend', 'inductor')!r})"
 
 
-def update(prev: torch.Tensor, out: torch.Tensor, steps: FusedSteps, k: int, frac_bits: int, what: str):
-    """(new, residue) of the exact update `new = 2^-k·prev + out` (`FixedPointStreams.emit_update`'s steps),
-    compiled; the eager steps (and their errors) for values the kernel flags and for inputs they refuse (shapes
-    that differ, a stream not int64, an update not floating point)."""
-    if out.shape != prev.shape or prev.dtype != torch.int64 or not out.is_floating_point():
-        return _eager_update(prev, out, k, frac_bits, what)
+def update(prev: torch.Tensor, out: torch.Tensor, steps: FusedSteps, k: int, frac_bits: int, what: str,
+           source: torch.Tensor | None = None):
+    """(new, residue) of the exact update `new = 2^-k·prev + out` (`FixedPointStreams.emit_update`'s steps;
+    with a leak-compensated half's input stream `source`, `2^-k·(prev − source) + out`), compiled; the eager
+    steps (and their errors) for values the kernel flags and for inputs they refuse (shapes that differ, a
+    stream not int64, an update not floating point)."""
+    if out.shape != prev.shape or prev.dtype != torch.int64 or not out.is_floating_point() or (
+            source is not None and (source.shape != prev.shape or source.dtype != torch.int64)):
+        return _eager_update(prev, out, k, frac_bits, what, source)
     with torch.no_grad():  # integer results: no graph; one grad mode, one compiled variant
-        new, low, flag = steps.kernel("update", k, frac_bits)(prev.reshape(-1), out.reshape(-1))  # 1-D: one size
+        flat = (prev.reshape(-1), out.reshape(-1)) + (() if source is None else (source.reshape(-1),))  # 1-D: one size
+        new, low, flag = steps.kernel("update" if source is None else "leak_update", k, frac_bits)(*flat)
     if bool(flag):
-        return _eager_update(prev, out, k, frac_bits, what)
+        return _eager_update(prev, out, k, frac_bits, what, source)
     return new.view(prev.shape), (None if low is None else fxp._pack_unchecked(low, k))
 
 
-def _eager_update(prev, out, k: int, frac_bits: int, what: str):
+def _eager_update(prev, out, k: int, frac_bits: int, what: str, source=None):
     q = fxp.quantize(out, frac_bits)
+    if source is not None:
+        q = fxp.sub_shifted(q, source, k, what)
     if not k:
         return fxp.add_checked(prev, q, what), None
     kept, residue = fxp.shift_down(prev, k)
     return fxp.add_checked(kept, q, what), residue
 
 
-def restore(new: torch.Tensor, out: torch.Tensor, residue, steps: FusedSteps, k: int, frac_bits: int):
-    """`prev` rebuilt from `new = 2^-k·prev + out` without range checks (the backward's restore), compiled."""
+def restore(new: torch.Tensor, out: torch.Tensor, residue, steps: FusedSteps, k: int, frac_bits: int,
+            source: torch.Tensor | None = None):
+    """`prev` rebuilt from `new = 2^-k·prev + out` (or `2^-k·(prev − source) + out`) without range checks
+    (the backward's restore), compiled."""
     low = fxp._unpack_unchecked(residue.contiguous(), k, new.numel(), small=True) if k else None
+    flat = (new.reshape(-1), out.reshape(-1), low) + (() if source is None else (source.reshape(-1),))
     with torch.no_grad():
-        return steps.kernel("restore", k, frac_bits)(new.reshape(-1), out.reshape(-1), low).view(new.shape)
+        return steps.kernel("restore" if source is None else "leak_restore", k, frac_bits)(*flat).view(new.shape)

@@ -10,7 +10,7 @@ import math
 import torch
 
 __all__ = ["take", "save_context", "restore_context", "GradAccumulator", "add_grads", "scale_grad", "cast_grad",
-           "output_grads", "coupling_input_grads"]
+           "output_grads", "coupling_input_grads", "leak_grad", "add_grads_into"]
 
 
 def take(state: list, i: int):
@@ -24,6 +24,11 @@ def take(state: list, i: int):
 def add_grads(a, b):
     """a + b where None stands for a gradient known to be zero."""
     return b if a is None else a if b is None else a + b
+
+
+def add_grads_into(a, b):
+    """a += b in place (a is the backward's own gradient, never autograd's); None stands for zero."""
+    return b if a is None else a if b is None else a.add_(b)
 
 
 def scale_grad(a, scale: float):
@@ -41,6 +46,19 @@ def coupling_input_grads(wanted: bool, dy1, dy2, d_x2, lam: float, beta: float):
     if d_x2 is None or dy2 is None or math.frexp(beta)[0] != 0.5 or d_x2.dtype != dy2.dtype:
         return scale_grad(dy1, lam), add_grads(scale_grad(dy2, beta), d_x2)
     return scale_grad(dy1, lam), torch.add(d_x2, dy2, alpha=beta)
+
+
+def leak_grad(d_in, d_out, scale: float, wanted: bool = True):
+    """d_in − scale·d_out: the gradient of a leak-compensated half's input (F'(x) = F(x) − scale·x; d_in = Fᵀd_out),
+    None when not `wanted`. One pass, `torch.add(..., alpha=−scale)`: with the scale a power of two the product is
+    exact, so it rounds as autograd's sum of the two terms does."""
+    if not wanted or d_out is None:
+        return d_in if wanted else None
+    if d_in is None:
+        return d_out * -scale
+    if math.frexp(scale)[0] != 0.5 or d_in.dtype != d_out.dtype:
+        return d_in - d_out * scale
+    return torch.add(d_in, d_out, alpha=-scale)
 
 
 def cast_grad(a, dtype: torch.dtype):

@@ -139,7 +139,9 @@ class _StackCutter:
             G, gi, g_blocks = self.half(layer, li, "G", spec.G)
         plans = {h: self.chunk_plan(m, role, ctx) for h, m, role, ctx in (("F", F, spec.F, fi), ("G", G, spec.G, gi))}
         return Coupling(F, G, lam, beta, swap, fi, gi, record=CouplingRecord(layer.module, f_blocks, g_blocks),
-                        chunks={h: p for h, p in plans.items() if p is not None})
+                        chunks={h: p for h, p in plans.items() if p is not None},
+                        compensate_f=cfg.leak_compensation and spec.F != "adapter",
+                        compensate_g=cfg.leak_compensation and spec.G != "adapter" and not isinstance(G, NoUpdate))
 
 
 def _min_expert_tokens(half) -> int:

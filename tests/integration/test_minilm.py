@@ -36,7 +36,7 @@ def test_starting_point_and_trainable_fraction(minilm, method):
         out = rev(**batch).last_hidden_state
     mask = batch["attention_mask"].bool()
     cos = torch.nn.functional.cosine_similarity(out[mask], ref[mask], dim=-1).mean().item()
-    assert cos >= 0.95, cos
+    assert cos >= (0.985 if method == "meft3" else 0.95), cos  # MEFT3 (the default): 0.987 at the measured k = 4
     n_train = sum(p.numel() for p in rev.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in rev.parameters())
     assert 0 < n_train <= 0.03 * n_all

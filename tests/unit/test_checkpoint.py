@@ -240,3 +240,14 @@ def test_save_leaves_no_temporary_files_and_records_the_hash(saved):
     record = json.loads((folder / CONFIG_NAME).read_text())
     import hashlib
     assert record["weights_sha256"] == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def test_a_frozen_tensor_past_2_to_the_24_elements_is_fingerprinted():
+    """A real vocabulary's embedding (SmolLM2: 49152 × 576 = 28.3 M elements): float32 sample positions round up
+    to the element count past 2^24; they are clamped (smaller tensors keep the positions folders were hashed with)."""
+    from meft_fx.checkpoint import _tensor_digest
+
+    big = torch.zeros(49152, 576)
+    digest = _tensor_digest(big)
+    big[-1, -1] = 1.0  # the last element is one of the samples
+    assert _tensor_digest(big) != digest

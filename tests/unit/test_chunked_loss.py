@@ -48,7 +48,7 @@ def test_chunk_loss_gives_the_model_s_loss_and_gradients_for_calls_of_every_shap
         assert o.logits is None  # training: the logits were never built
         torch.testing.assert_close(o.loss, r.loss, rtol=1e-6, atol=1e-7, equal_nan=True)
         for a, b in zip(gr, go):  # HF computes the loss in float32: agreement to float32 rounding
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, equal_nan=True)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, equal_nan=True)  # summation order: ~3e-8
     chunked.eval()
     inputs = _token_inputs(0, 2, 9, vocab=VOCAB)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_convert_chunks_the_head_by_default_and_changes_no_gradient():
         assert o.logits is None and r.logits is not None
         torch.testing.assert_close(o.loss, r.loss, rtol=1e-6, atol=1e-7, equal_nan=True)
         for a, b in zip(gr, go):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, equal_nan=True)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, equal_nan=True)  # summation order: ~3e-8
 
 
 def test_a_causal_lm_trains_with_the_programs_convert_made():

@@ -122,11 +122,12 @@ def test_explain_one_coupling_per_layer_with_memory(rev3):
         assert c.index == i and c.layer == f"bert.encoder.layer.{i}"
         assert [k for _, k in c.F] == ["attention"] and [k for _, k in c.G] == ["ffn"]
         assert c.F[0][0].startswith(c.layer) and c.G[0][0].startswith(c.layer)
-        assert (c.lam, c.beta, c.swap, c.numerics) == (2.0 ** -4, 2.0 ** -4, False, "exact")  # the defaults
+        k = rev3.meft_config.scale_bits  # measured by convert
+        assert (c.lam, c.beta, c.swap, c.numerics) == (2.0 ** -k, 2.0 ** -k, False, "exact")
         assert c.adapters == {"F": [f"meft_adapter_{i}_attn0"], "G": [f"meft_adapter_{i}_ffn"]}
         # autograd would cache several hidden-size tensors per token; the runtime keeps 2 int64 streams
-        # per stack and, per coupling, the 4 + 4 bits per element shifted out by λ = β = 2^-4
-        assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 8 / LAYERS + 8 * 32 / 8)
+        # per stack and, per coupling, the k + k bits per element shifted out by λ = β = 2^-k
+        assert c.kept_bytes_per_token == pytest.approx(2 * 32 * 8 / LAYERS + 2 * k * 32 / 8)
         assert c.autograd_bytes_per_token > 4 * 32 * 4
         assert c.activation_bytes_saved_per_token == pytest.approx(c.autograd_bytes_per_token - c.kept_bytes_per_token)
     text = str(rep)
@@ -344,3 +345,15 @@ def test_bad_config_error_names_field_and_choices():
         MEFTConfig(method="meft4")
     with pytest.raises(ValueError, match=r"MEFTConfig\.lam=0 must be a number in \(0, 1\]"):
         MEFTConfig(lam=0)
+
+
+def test_explain_accounts_what_the_backward_keeps_beside_checkpointing(rev3):
+    rep = meft_fx.explain(rev3, estimate_memory=False)
+    (st,) = rep.stored
+    k = rev3.meft_config.scale_bits
+    assert (st.layers, st.stream_bits, st.layer_bits, st.dtype_bits) == (LAYERS, 64, 2 * k, 32)
+    assert st.total_bits == 128 + LAYERS * 2 * k and st.checkpointing_bits() == 32 * LAYERS
+    assert st.checkpointing_bits(16) == 16 * LAYERS
+    text = str(rep)
+    assert "kept for the backward" in text and f"{LAYERS} layers × {2 * k} = {st.total_bits} bits" in text
+    assert f"in bf16 checkpointing keeps {16 * LAYERS}" in text

@@ -392,5 +392,5 @@ def test_exact_defaults_and_exponents():
 def test_stack_records_numerics_and_exponents():
     model = converted("bert", torch.float32, "meft3", num_layers=SMALL)
     st = stacks(model)[0]
-    assert st.numerics == "exact" and st.exponents == MEFTConfig(method="meft3", numerics="exact").exponents
+    assert st.numerics == "exact" and st.exponents == model.meft_config.exponents  # the k convert measured
     assert st.stored_bits_per_element == SMALL * sum(st.exponents)

@@ -315,3 +315,19 @@ def test_checked_add_raises_exactly_on_overflow():
 def test_checked_add_refuses_a_broadcast():
     with pytest.raises(ValueError, match="shape"):
         add_checked(torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, 1, dtype=torch.int64), "y1")
+
+
+def test_sub_shifted_subtracts_the_shifted_source_and_checks_overflow():
+    from meft_fx.runtime.fixed_point import sub_shifted, sub_shifted_unchecked
+
+    q, src = torch.tensor([100, -7, 5]), torch.tensor([-33, 64, 7])
+    assert torch.equal(sub_shifted(q, src, 2, "y"), q - (src >> 2)) and torch.equal(sub_shifted(q, src, 0, "y"), q - src)
+    assert torch.equal(sub_shifted_unchecked(q, src, 2), q - (src >> 2))
+    lo, hi = -(2 ** 63), 2 ** 63 - 1
+    with pytest.raises(FixedPointOverflow, match="y1 = λ·"):
+        sub_shifted(torch.tensor([lo]), torch.tensor([1]), 0, "y1 = λ·(x1 − x2) + F(x2)")
+    with pytest.raises(FixedPointOverflow):
+        sub_shifted(torch.tensor([hi]), torch.tensor([-4]), 1, "y")
+    assert torch.equal(sub_shifted(torch.tensor([hi - 2]), torch.tensor([-4]), 1, "y"), torch.tensor([hi]))
+    with pytest.raises(ValueError, match="shape"):
+        sub_shifted(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), 1, "y")

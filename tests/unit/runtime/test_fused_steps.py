@@ -58,6 +58,20 @@ def test_update_and_restore_are_the_eager_steps_bit_for_bit(steps, k, dtype):
         assert torch.equal(rebuilt, want) and torch.equal(rebuilt, prev), (shape, k, dtype)
 
 
+@pytest.mark.parametrize("k", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compensated_update_and_restore_are_the_eager_steps_bit_for_bit(steps, k, dtype):
+    """A leak-compensated half: new = (prev >> k) + quantize(out) − (source >> k), restored exactly."""
+    for shape in [(2, 9, 16), (1, 1, 16), (3, 5, 7)]:
+        prev, source, out = _stream(*shape), _stream(*shape), torch.randn(*shape).to(dtype)
+        new, residue = fused_steps.update(prev, out, steps, k, FB, "y", source=source)
+        q = fxp.sub_shifted(fxp.quantize(out, FB), source, k, "y")
+        kept, want_residue = fxp.shift_down(prev, k) if k else (prev, None)
+        assert torch.equal(new, fxp.add_checked(kept, q, "y")), (shape, k, dtype)
+        assert (residue is None) == (want_residue is None) and (residue is None or torch.equal(residue, want_residue))
+        assert torch.equal(fused_steps.restore(new, out, residue, steps, k, FB, source=source), prev), (shape, k)
+
+
 def test_new_sizes_reuse_the_kernels(steps):
     """Dynamic shapes: a new batch and length run the same compiled kernels (no new graph)."""
     graphs = []
