@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     quiet()
 
     section("SmolLM2-135M-Instruct, Rotten Tomatoes sentiment as chat turns")
-    base, tok = pretrained.smollm2()
+    base, tok = pretrained.smollm2(layers=args.layers)
     task = tasks.SentimentChat(tok)
     train_set, held = tasks.split(tasks.rotten_tomatoes(), args.train_size, args.eval_size, args.seed)
     print(f"{len(train_set)} training reviews, {len(held)} held out; the question: "
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(f"held-out accuracy {100 * before:.1f}% → {100 * after:.1f}%")
 
     section("save and reload")
-    same = save_and_reload(task, rev, held, args.out)
+    same = save_and_reload(task, rev, held, args.out, args.layers)
     print(f"\ndone in {(time.perf_counter() - t_start) / 60:.1f} min")
     return 0 if same else 1
 
@@ -99,6 +99,7 @@ def _arguments(argv):
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--eval-size", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="keep the model's first LAYERS layers (a quick check)")
     ap.add_argument("--out", default="smollm2_sentiment_adapters", help="folder for the saved adapters")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "train_size", "eval_size"):
@@ -128,13 +129,12 @@ def compare_memory(task, base, rev, pairs) -> None:
           f"{mem_lora:.1f} MiB ({mem_meft / mem_lora:.2f}x)")
 
 
-def save_and_reload(task, rev, held, out) -> bool:
+def save_and_reload(task, rev, held, out, layers=None) -> bool:
     """Save the adapters, load them into a fresh conversion in one step; True when the logits are the same."""
     folder = meft_fx.save_adapters(rev, out)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 1024
-    again = meft_fx.from_pretrained(pretrained.smollm2()[0], folder, verbose=False)
-    probe = task.collate([{"input_ids": task.prompt_ids(t), "labels": [0]} for t, _ in held[:4]])
-    probe.pop("labels")
+    again = meft_fx.from_pretrained(pretrained.smollm2(layers=layers)[0], folder, verbose=False)
+    probe, _ = task.prompts([t for t, _ in held[:4]])
     with torch.no_grad():
         same = torch.equal(again.eval()(**probe).logits, rev.eval()(**probe).logits)
     print(f"adapters saved to {folder}/ ({size:.0f} KiB); meft_fx.from_pretrained(base, {str(folder)!r}) gives the "

@@ -111,6 +111,13 @@ class SentimentChat:
         """A training batch from (text, label) pairs."""
         return self.collate([self.example(t, y) for t, y in pairs])
 
+    def prompts(self, texts) -> tuple[dict, list]:
+        """(a right-padded batch of the prompts of `texts`: input_ids, attention_mask; each prompt's length)."""
+        ids = [self.prompt_ids(t) for t in texts]
+        batch = self.collate([{"input_ids": p, "labels": p} for p in ids])
+        batch.pop("labels")
+        return batch, [len(p) for p in ids]
+
     @torch.no_grad()
     def accuracy(self, model, pairs, batch_size: int = 16) -> float:
         """Share of (text, label) pairs whose answer the model scores higher (first token) after the prompt."""
@@ -118,10 +125,9 @@ class SentimentChat:
         right = 0
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
-            prompts = [self.prompt_ids(t) for t, _ in chunk]
-            enc = self.collate([{"input_ids": p, "labels": p} for p in prompts])
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            last = torch.tensor([len(p) - 1 for p in prompts])
+            enc, lengths = self.prompts([t for t, _ in chunk])
+            logits = model(**enc).logits
+            last = torch.tensor(lengths) - 1
             scores = logits[torch.arange(len(chunk)), last][:, first]
             right += int((scores.argmax(-1) == torch.tensor([y for _, y in chunk])).sum())
         return right / max(1, len(pairs))

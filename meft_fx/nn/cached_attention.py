@@ -57,4 +57,6 @@ def cached_attention(q, k, v, attn_mask=None, *, layer: int, is_causal: bool = F
     elif attn_mask.size(-1) != kv_len:
         raise ValueError(f"cached attention (layer {layer}): the mask covers {attn_mask.size(-1)} keys, the cache "
                          f"holds {kv_len} (the model's mask was not built for its cache)")
+    elif q_len == 1 and attn_mask.dtype == torch.bool and bool(attn_mask.all()):
+        attn_mask = None  # one new token that sees every key: SDPA would turn the mask into a float copy per layer
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)

@@ -219,17 +219,21 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
 #: Fixed-point steps → (their unchecked stand-ins, how many leading arguments those take)
 #: (`inference_program(..., checked=False)`).
 _UNCHECKED = {fxp.quantize: (fxp.quantize_unchecked, 2), fxp.add_checked: (operator.add, 2),
-              fxp.sub_shifted: (fxp.sub_shifted_unchecked, 3)}
+              fxp.sub_shifted: (fxp.sub_shifted_unchecked, 3), fxp.dequantize: (fxp.dequantize_unchecked, 3)}
 
 
 def inference_program(prog: fx.GraphModule, checked: bool = True) -> fx.GraphModule:
     """A copy of a forward program for inference (generation, torch.export): no residues, since nothing
-    is rebuilt afterwards — each exact `shift_down(x, k)` is `x >> k`, the residue outputs None.
+    is rebuilt afterwards — each exact `shift_down(x, k)` is `x >> k`, the residue outputs None — and no RNG
+    recording (nothing is replayed).
     `checked=False` also quantizes and adds without overflow checks (the caller checks the stack's
     output instead). The copy shares F and G with `prog`."""
     g = fx.Graph()
     g.output(g.graph_copy(prog.graph, {}))
     for n in list(g.nodes):
+        if n.op == "call_function" and n.target is record_rng:  # no tape: nothing to replay
+            g.erase_node(n)
+            continue
         if not checked and n.op == "call_function" and n.target in _UNCHECKED:
             target, n_args = _UNCHECKED[n.target]
             n.target, n.args = target, n.args[:n_args]

@@ -40,6 +40,7 @@ __all__ = [
     "quantize",
     "quantize_unchecked",
     "dequantize",
+    "dequantize_unchecked",
     "shift_down",
     "shift_up",
     "shift_up_unchecked",
@@ -195,6 +196,14 @@ def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Ten
     # One rounding of q to the working float (fp32 for fp32 and narrower targets), then an exact
     # power-of-two scaling: the same value as q · 2^-frac_bits computed in float64 and rounded to
     # fp32 whenever |q| < 2^53 (always, for streams of real activations).
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out = q.to(work)
+    out.mul_(2.0 ** -frac_bits)
+    return out if dtype == work else out.to(dtype)
+
+
+def dequantize_unchecked(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize` without validating its arguments (inference programs, once per token and half)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     out = q.to(work)
     out.mul_(2.0 ** -frac_bits)

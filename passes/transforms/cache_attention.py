@@ -54,9 +54,39 @@ def cache_attention(block: fx.GraphModule, layer: int) -> fx.GraphModule:
                        PASS)
     new.kwargs = {"layer": layer, "scale": b.get("scale"), "enable_gqa": bool(b.get("enable_gqa", False))}
     _drop_whole_slices(gm.graph)
+    _drop_same_dtype_casts(gm.graph)
+    _flat_parameters(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _drop_same_dtype_casts(graph: fx.Graph) -> None:
+    """`x.to(dtype)` of an `x` already of that dtype (recorded at capture) is `x`: a dispatcher call per token saved."""
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.to.dtype and len(n.args) == 2 and not n.kwargs:
+            val = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+            if isinstance(val, torch.Tensor) and val.dtype == n.args[1]:
+                n.replace_all_uses_with(n.args[0])
+                graph.erase_node(n)
+
+
+def _flat_parameters(gm: fx.GraphModule) -> None:
+    """Each parameter or buffer read by a dotted path (`self.mod.layers.0.self_attn.q_proj.weight`: five attribute
+    lookups per token) is also an attribute of the copy itself, read in one (the same tensor, shared)."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and "." in n.target:
+            value = gm.get_submodule(n.target.rpartition(".")[0])._parameters.get(n.target.rpartition(".")[2])
+            value = value if value is not None else gm.get_buffer(n.target) if _is_buffer(gm, n.target) else None
+            if isinstance(value, torch.Tensor):
+                flat = "flat_" + n.target.replace(".", "_")
+                gm.__dict__[flat] = value  # a plain attribute: no Module.__getattr__, not a second parameter
+                n.target = flat
+
+
+def _is_buffer(gm: fx.GraphModule, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    return name in gm.get_submodule(owner)._buffers
 
 
 def _drop_whole_slices(graph: fx.Graph) -> None:

@@ -212,3 +212,21 @@ def test_a_deep_copy_generates_with_its_own_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _assert_same(_generate(twin, ids, mask), before)
+
+
+def test_cached_blocks_are_lean_and_the_same():
+    """Per generated token every op counts: the cached attention blocks read their weights in one attribute lookup
+    (the same tensors), drop casts to the dtype a value already has, and the inference programs record no RNG;
+    cached generation still gives the uncached tokens (left padding included)."""
+    rev = meft_fx.convert(_decoder("llama"))
+    plan = _owner(rev).cache_plan
+    F, _ = plan._blocks[0]
+    assert not [n for n in F.graph.nodes if n.op == "get_attr" and "." in n.target]
+    assert any(getattr(F, n.target) is rev.model.original.layers[0].self_attn.q_proj.weight
+               for n in F.graph.nodes if n.op == "get_attr")
+    assert not [n for n in F.graph.nodes if n.target is torch.ops.aten.to.dtype
+                and n.args[0].meta["val"].dtype == n.args[1]]
+    assert "record_rng" not in plan._programs(torch.float32)[0].code
+    rev.eval()
+    ids, mask = _prompts(2, 5, left_pad=(2,))
+    _assert_same(_generate(rev, ids, mask), _generate(rev, ids, mask, use_cache=False))
