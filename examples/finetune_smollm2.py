@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     compare_memory(task, base, rev, train_set[: args.batch])
 
     section(f"train: {args.steps} steps of {args.batch}, lr {args.lr:g}")
-    stats = finetune.train(rev, task, train_set, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed)
+    stats = finetune.train(rev, task.batch, train_set, steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed)
     print(f"loss {sum(stats['losses'][:10]) / 10:.3f} (first 10 steps) → {sum(stats['losses'][-10:]) / 10:.3f} "
           f"(last 10); {stats['step_s']:.2f} s per step")
 

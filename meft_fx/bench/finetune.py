@@ -63,16 +63,17 @@ def _schedule(steps: int, warmup: float):
     return lambda s: (s + 1) / w if s < w else max(0.0, (steps - s) / max(1, steps - w))
 
 
-def train(model, task, pairs, *, steps: int, batch_size: int, lr: float, seed: int = 0, warmup: float = 0.1,
-          desc: str = "train", progress: bool = True) -> dict:
-    """Train the trainable parameters of `model` on `task.batch` of (text, label) `pairs`; returns {"losses",
-    "step_s" (median seconds per step)}. A tqdm bar on stderr when `progress`."""
+def train(model, make_batch, pairs, *, steps: int, batch_size: int, lr: float, seed: int = 0, warmup: float = 0.1,
+          weight_decay: float = 0.0, desc: str = "train", progress: bool = True) -> dict:
+    """Train the trainable parameters of `model` on `make_batch(some pairs)` (a dict of the model's keyword
+    arguments, with labels; e.g. `SentimentChat.batch`); returns {"losses", "step_s" (median seconds per step)}.
+    The batches: `batches_of(len(pairs), steps, batch_size, seed)`. A tqdm bar on stderr when `progress`."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train: the model has no trainable parameter")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup))
     torch.manual_seed(seed)  # the same dropout stream for every method
     model.train()
@@ -80,7 +81,7 @@ def train(model, task, pairs, *, steps: int, batch_size: int, lr: float, seed: i
     bar = tqdm(batches_of(len(pairs), steps, batch_size, seed), desc=desc, unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=not progress)
     for idx in bar:
-        batch = task.batch([pairs[i] for i in idx])
+        batch = make_batch([pairs[i] for i in idx])
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()

@@ -63,7 +63,7 @@ def run_quality(*, methods=finetune.METHODS, lrs=None, steps: int = 100, batch: 
             torch.manual_seed(seed)
             model = finetune.prepare(method, pretrained.smollm2(layers=layers)[0])
             mib = finetune.step_memory(model, first, seed)
-            stats = finetune.train(model, task, train_set, steps=steps, batch_size=batch, lr=lr, seed=seed,
+            stats = finetune.train(model, task.batch, train_set, steps=steps, batch_size=batch, lr=lr, seed=seed,
                                    desc=f"{method} lr {lr:g}", progress=progress)
             rows.append({"method": method, "lr": lr, "accuracy": task.accuracy(model, held), "before": before,
                          "step_s": stats["step_s"], "activation_mib": mib, "final_loss": stats["losses"][-1],

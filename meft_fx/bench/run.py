@@ -254,6 +254,7 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
             model = spec.build(config, dtype, device, seed)
             runner, note = _prepare_or_unavailable(method, model, batch, spec)
             row["note"] = note
+            row.update(stored_bits(method, runner, config.num_hidden_layers, dtype))
             _measure_runner(runner, batch, device, 0 if keep_step else repeats, seed, row)
     except Unavailable as e:
         row["status"] = f"unavailable: {e}"
@@ -263,6 +264,46 @@ def measure_method(method: str, config, batch: dict, dtype, device, repeats: int
         del model, runner
         gc.collect()
     return row
+
+
+def stored_bits(method: str, runner, depth: int, dtype) -> dict:
+    """{"stored_bits", "stored_bits_bf16"}: what `method` keeps across its layers for the backward, in bits per
+    element of the hidden state, in the model's dtype and for the same model in bf16 — gradient checkpointing one
+    layer input per layer, a reversible stack its two top streams and every layer's stored bits
+    (`meft_fx.inspection.explain.StoredState`); {} for the other methods."""
+    if method.startswith("lora_ckpt"):
+        return {"stored_bits": depth * 8 * dtype.itemsize, "stored_bits_bf16": depth * 16}
+    if not method.startswith("meft"):
+        return {}
+    from ..inspection.explain import stored_state
+    from ..runtime import ReversibleStack
+
+    stacks = [(n, m) for n, m in runner.named_modules() if isinstance(m, ReversibleStack) and m.reversible]
+    if len(stacks) != 1:
+        return {}
+    st = stored_state(*stacks[0])
+    streams = st.stream_bits if st.stream_bits == 64 else 16  # float streams are in the model's dtype
+    return {"stored_bits": st.total_bits, "stored_bits_bf16": 2 * streams + st.layers * st.layer_bits}
+
+
+def format_stored(rows: list[dict]) -> str:
+    """Markdown: per (depth, method) the `stored_bits` accounting, beside gradient checkpointing's (empty when no row
+    has it)."""
+    have = {(r["depth"], r["method"]): r for r in rows if r.get("stored_bits")}
+    if not have:
+        return ""
+    lines = ["", "What each method keeps across the layers for its backward, in bits per element of the hidden state "
+             "(× hidden × tokens for bytes): gradient checkpointing one layer input per layer in the model's dtype; "
+             "meft_fx its two top streams and every layer's stored bits (`explain` prints the same). bf16: the same "
+             "model in bfloat16, where checkpointing keeps 16 bits per element per layer.", "",
+             "| depth | method | bits per element | MiB at the longest sequence | in bf16 | bf16 × checkpointing |",
+             "|---:|---|---:|---:|---:|---:|"]
+    longest = max(r["seq"] for r in rows) * rows[0]["batch"]
+    for (depth, method), r in sorted(have.items()):
+        mib = r["stored_bits"] / 8 * r["hidden"] * longest / MiB
+        lines.append(f"| {depth} | {method} | {r['stored_bits']} | {mib:.1f} | {r['stored_bits_bf16']} | "
+                     f"{r['stored_bits_bf16'] / (16 * depth):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _prepare_or_unavailable(method: str, model, batch: dict, spec: BenchModel):
@@ -444,7 +485,7 @@ def run_benchmark(hidden: int, depths: Sequence[int], seqs: Sequence[int], batch
     try:
         for depth in depths:
             for seq in seqs:
-                base = {"arch": arch, "title": spec.title, "hidden": hidden, "heads": spec.num_heads, "depth": depth,
+                base = {"arch": arch, "title": spec.title, "hidden": spec.hidden, "heads": spec.num_heads, "depth": depth,
                         "seq": seq, "batch": batch, "dtype": str(torch_dtype).replace("torch.", ""),
                         "device": str(torch.device(device))}
                 rows += _measure_group(spec, base, methods, torch_dtype, torch.device(device), repeats,
@@ -582,12 +623,13 @@ def format_report(rows: list[dict]) -> str:
         "",
         "",
     ]
-    return "\n".join(head) + format_table(rows)
+    return "\n".join(head) + format_table(rows) + format_stored(rows)
 
 
 def plot_memory(rows: list[dict], path: str) -> str | None:
-    """Activation MiB vs depth, one line per method, one subplot per sequence length. Returns the
-    path, or None (with a note on stderr) when matplotlib is not installed."""
+    """Activation MiB vs depth, one line per method, one subplot per sequence length (one depth and several
+    sequence lengths: vs sequence length, one plot). Returns the path, or None (with a note on stderr) when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -598,6 +640,8 @@ def plot_memory(rows: list[dict], path: str) -> str | None:
         return None
     seqs = sorted({r["seq"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    if len({r["depth"] for r in rows}) == 1 and len(seqs) > 1:
+        return _plot_against_length(plt, rows, methods, path)
     fig, axes = plt.subplots(1, max(1, len(seqs)), figsize=(5.5 * max(1, len(seqs)), 4.2), squeeze=False)
     for ax, seq in zip(axes[0], seqs):
         for method in methods:
@@ -616,6 +660,28 @@ def plot_memory(rows: list[dict], path: str) -> str | None:
     if rows:
         r0 = rows[0]
         fig.suptitle(f"{r0.get('arch', 'bert')} hidden {r0['hidden']}, batch {r0['batch']}, {r0['dtype']}, {r0['device']}")
+    fig.tight_layout()
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _plot_against_length(plt, rows: list[dict], methods: list, path: str) -> str:
+    """Activation MiB vs sequence length at one depth, one line per method."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in methods:
+        pts = sorted((r["seq"], r["activation_mib"]) for r in rows if r["method"] == method and r["status"] == "ok")
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if method.startswith("meft") else "--s",
+                    label=method, markersize=4)
+    r0 = rows[0]
+    ax.set_xlabel(f"sequence length (batch {r0['batch']})")
+    ax.set_ylabel("activation memory of one training step (MiB)")
+    ax.set_xticks(sorted({r["seq"] for r in rows}))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{r0.get('title', r0.get('arch', ''))[:60]}, {r0['depth']} layers, {r0['dtype']}", fontsize=9)
     fig.tight_layout()
     with _replacing(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
