@@ -681,7 +681,8 @@ def _plot_against_length(plt, rows: list[dict], methods: list, path: str) -> str
     ax.set_xticks(sorted({r["seq"] for r in rows}))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{r0.get('title', r0.get('arch', ''))[:60]}, {r0['depth']} layers, {r0['dtype']}", fontsize=9)
+    name = r0.get("title", r0.get("arch", "")).split(" (")[0].split(",")[0]
+    ax.set_title(f"{name}, {r0['depth']} layers, batch {r0['batch']}, {r0['dtype']}", fontsize=9)
     fig.tight_layout()
     with _replacing(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

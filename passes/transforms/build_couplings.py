@@ -21,7 +21,7 @@ from ..fx.extraction import extract
 from ..fx.ops import graph_has_random
 from ..fx.provenance import describe, stamp
 from .local_sizes import local_sizes
-from .sliced_ffn import sliced_ffn
+from .sliced_ffn import SLICE_SHARE, sliced_ffn
 
 PASS = "build_couplings"
 #: ops that change a weight's layout, not which elements it holds (`_StackCutter._from_weights`)
@@ -114,14 +114,14 @@ class _StackCutter:
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
         """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is the same for every token (every
         chunk gets it whole); None otherwise. A reversible half's gated FFN runs in slices of its width
-        (`sliced_ffn`): the token chunks are then sized by the other parameters, except when the half is compiled
+        (`sliced_ffn`, slices within budget / SLICE_SHARE): the token chunks are then sized by the other parameters, except when the half is compiled
         (`compiled_width`: the plain ops run there). Otherwise the width is the widest activation: a weight's,
         or more per token (Mixtral's top-k experts), with at least MIN_EXPERT_ROWS rows per expert."""
         budget = self.config.recompute_chunk_bytes
         if role != "ffn" or not budget or not isinstance(module, fx.GraphModule) \
                 or not all(map(self.same_for_every_token, context)):
             return None
-        sliced = sliced_ffn(module, budget) if self.config.reversible else set()
+        sliced = sliced_ffn(module, budget // SLICE_SHARE) if self.config.reversible else set()
         named = dict(module.named_parameters())
         widths = [self.dim] + [p.shape[0] for n, p in named.items() if p.dim() == 2 and n not in sliced]
         if not sliced:

@@ -1,6 +1,8 @@
 """Instruction tuning as people do it, on the real SmolLM2 (its first 4 layers): chat-formatted examples with the
 loss on the response only, through the HF Trainer; saved, loaded in one step with from_pretrained, and generating
 with the chat template and the KV cache the tokens the trained model generates."""
+import re
+
 import pytest
 import torch
 
@@ -64,7 +66,12 @@ def test_the_main_job_runs_end_to_end_at_tiny_size(tmp_path, capsys):
     for part in ("== convert", "starting point:", "LoRA (q/v) + gradient checkpointing", "held-out accuracy",
                  "gives the same logits: True", "done in"):
         assert part in out, part
-    assert (tmp_path / "adapters" / "meft_adapters.safetensors").is_file()
+    # the README shows a whole run: the same sections, and each printed line's opening words
+    readme = (pretrained.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = re.search(r"## The main job\n.*?```\n(.*?)```", readme, re.S).group(1)
+    heads = lambda text: [" ".join(line.split()[:2]).rstrip("(,0123456789") for line in text.splitlines()  # noqa
+                          if line.startswith(("==", "starting point", "stored per", "batch (", "held-out", "adapters"))]
+    assert heads(out) == heads(shown)
 
 
 def test_trl_sft_trainer_trains_a_converted_model_on_completions_only(tmp_path):

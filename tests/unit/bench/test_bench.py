@@ -93,6 +93,9 @@ def test_meft_rows_give_numbers():
         assert r["activation_mib"] > 0 and r["step_s"] > 0 and r["ratio_full"] > 0
         with_grad, trainable = r["params_with_grad"].split("/")
         assert with_grad == trainable
+    # kept per element: float streams in the model's dtype (bf16: 16 bits), exact ones int64 + 2k = 10 bits a layer
+    assert [(r["stored_bits"], r["stored_bits_bf16"]) for r in meft] == [(64, 32), (138, 138)]
+    assert "| 1 | meft3_exact | 138 |" in bench.format_stored(rows)
 
 
 def test_convert_failure_is_recorded_not_raised(monkeypatch):

@@ -42,6 +42,12 @@ def test_the_memory_bench_runs_on_the_real_model():
     assert all(r["status"] == "ok" for r in rows), rows
     assert "(measured)" in by["meft3_exact"]["note"] and "SmolLM2" in rows[0]["title"]
     assert by["meft3_exact"]["activation_mib"] < by["lora_ckpt"]["activation_mib"]
+    # what each keeps per element: checkpointing one fp32 (bf16: 16-bit) input per layer; meft_fx two int64 streams
+    # and 2k bits per layer, whatever the model's dtype
+    assert rows[0]["hidden"] == 576 and (by["lora_ckpt"]["stored_bits"], by["lora_ckpt"]["stored_bits_bf16"]) == (64, 32)
+    meft = by["meft3_exact"]
+    assert meft["stored_bits"] == meft["stored_bits_bf16"] and (meft["stored_bits"] - 128) % 4 == 0
+    assert "| 2 | meft3_exact | " in bench.format_stored(rows)
 
 
 def test_the_quality_bench_from_the_command_line(tmp_path, capsys):
