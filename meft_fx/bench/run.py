@@ -282,8 +282,7 @@ def stored_bits(method: str, runner, depth: int, dtype) -> dict:
     if len(stacks) != 1:
         return {}
     st = stored_state(*stacks[0])
-    streams = st.stream_bits if st.stream_bits == 64 else 16  # float streams are in the model's dtype
-    return {"stored_bits": st.total_bits, "stored_bits_bf16": 2 * streams + st.layers * st.layer_bits}
+    return {"stored_bits": st.total_bits, "stored_bits_bf16": st.total_bits_in(16)}
 
 
 def format_stored(rows: list[dict]) -> str:

@@ -79,13 +79,21 @@ class StoredState:
         """Bits per element of the hidden state for the whole stack: two streams and every layer's residues."""
         return 2 * self.stream_bits + self.layers * self.layer_bits
 
+    def total_bits_in(self, dtype_bits: int) -> int:
+        """`total_bits` for the same model in a dtype of `dtype_bits` bits: fixed-point (int64) streams keep their
+        width, float streams take the dtype's."""
+        streams = self.stream_bits if self.stream_bits == 64 else dtype_bits
+        return 2 * streams + self.layers * self.layer_bits
+
     def checkpointing_bits(self, dtype_bits: int | None = None) -> int:
         """What gradient checkpointing keeps per element for the same layers: one tensor per layer."""
         return self.layers * (dtype_bits or self.dtype_bits)
 
     def __str__(self) -> str:
         ckpt = self.checkpointing_bits()
-        bf16 = "" if self.dtype_bits == 16 else f"; in bf16 checkpointing keeps {self.checkpointing_bits(16)}"
+        bf16 = "" if self.dtype_bits == 16 else (
+            f"; in bf16 {self.total_bits_in(16)} against checkpointing's {self.checkpointing_bits(16)}, "
+            f"{self.total_bits_in(16) / self.checkpointing_bits(16):.2f}×")
         return (f"{self.stack}: 2 top streams × {self.stream_bits} + {self.layers} layers × {self.layer_bits} = "
                 f"{self.total_bits} bits per element of the hidden state ({self.total_bits / ckpt:.2f}× gradient "
                 f"checkpointing's {self.layers} × {self.dtype_bits} = {ckpt} in {self.dtype}{bf16})")

@@ -356,4 +356,5 @@ def test_explain_accounts_what_the_backward_keeps_beside_checkpointing(rev3):
     assert st.checkpointing_bits(16) == 16 * LAYERS
     text = str(rep)
     assert "kept for the backward" in text and f"{LAYERS} layers × {2 * k} = {st.total_bits} bits" in text
-    assert f"in bf16 checkpointing keeps {16 * LAYERS}" in text
+    assert st.total_bits_in(16) == st.total_bits  # int64 streams keep their width in bf16
+    assert f"in bf16 {st.total_bits} against checkpointing's {16 * LAYERS}" in text
