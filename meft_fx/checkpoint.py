@@ -53,9 +53,10 @@ FORMAT_VERSION = 1
 SAMPLE = 4096  # elements hashed per frozen tensor
 # MEFTConfig fields that change what the saved weights compute; the others may differ at load time.
 NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits",
-                  "modules_to_save", "leak_compensation")
+                  "stream_bits", "modules_to_save", "leak_compensation")
 # What a field was before it existed (folders saved by older versions lack it).
-NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "modules_to_save": [], "leak_compensation": False}
+NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "stream_bits": 64, "modules_to_save": [],
+                    "leak_compensation": False}
 
 
 def _class_name(model: nn.Module) -> str:

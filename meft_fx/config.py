@@ -7,7 +7,7 @@ from typing import Optional
 
 from .nn.head_loss import DEFAULT_CHUNK_BYTES
 from .runtime.arithmetic import ARITHMETICS, exponent_of
-from .runtime.fixed_point import DEFAULT_FRAC_BITS, MAX_FRAC_BITS
+from .runtime.fixed_point import DEFAULT_FRAC_BITS, MAX_FRAC_BITS, STREAM_DTYPES
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ def _number(name: str, value, allowed: str, ok) -> None:
         raise ValueError(f"MEFTConfig.{name}={value!r} must be {allowed}")
 
 
+#: `MEFTConfig.frac_bits` default for `stream_bits=32`: range ±2^15 = ±32768, resolution 2^-16 ≈ 1.5e-5.
+INT32_FRAC_BITS = 16
+
+
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"MEFTConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
@@ -135,9 +139,15 @@ class MEFTConfig:
             "float" is the paper's arithmetic (λ = β = 0.1 by default, division by λ, β in the
             backward), kept for comparison: rounding error grows ~1/λ per layer (fine for shallow
             fp32 stacks; at 24 layers, or in bf16, the reversible gradients are wrong).
-        frac_bits: fractional bits of the exact fixed-point streams (default 32: resolution 2^-32,
-            range ±2^31). A model whose activations overflow that range (an error says so) needs
-            fewer, e.g. 24 (range ±2^39, resolution 6e-8). Ignored by float numerics.
+        frac_bits: fractional bits of the exact fixed-point streams (default 32 for int64 streams: resolution
+            2^-32, range ±2^31; INT32_FRAC_BITS = 16 for int32 streams: range ±2^15). A model whose activations
+            overflow that range (an error says so) needs fewer, e.g. 24 (range ±2^39, resolution 6e-8). Ignored by
+            float numerics.
+        stream_bits: 64 (default) or 32: the exact streams' integer width. 32 halves the two top streams' memory
+            (2 × 32 instead of 2 × 64 bits per element of the hidden state) when their range fits ±2^(31 −
+            frac_bits): SmolLM2-135M's residual stream reaches |x| = 24494 on prose, inside int32's ±32768 at 16
+            fractional bits, where the starting point is unchanged. Gradients stay bit-identical; a stream that
+            leaves the range raises FixedPointOverflow naming frac_bits and stream_bits=64.
         reversible: True runs the backward by reconstructing activations (caches ~nothing).
             False builds the very same network and trains it with ordinary autograd: the reference.
         leak_compensation: True (default) writes each pretrained half as F'(x) = F(x) − λ·x (its skip connection
@@ -194,7 +204,8 @@ class MEFTConfig:
     adapter_dropout: float = 0.1
     adapter_init_std: float = 0.02
     numerics: str = "exact"
-    frac_bits: int = DEFAULT_FRAC_BITS
+    frac_bits: Optional[int] = None
+    stream_bits: int = 64
     reversible: bool = True
     leak_compensation: bool = True
     output: str = "pretrained"
@@ -232,7 +243,10 @@ class MEFTConfig:
             _number("start_tolerance", self.start_tolerance, "a number > 0 (or None: the default per measure)",
                     lambda v: 0.0 < v < math.inf)
         _integer("adapter_rank", self.adapter_rank, 1, None)
-        _integer("frac_bits", self.frac_bits, 8, MAX_FRAC_BITS)
+        _choice("stream_bits", self.stream_bits, tuple(STREAM_DTYPES))
+        if self.frac_bits is None:
+            self.frac_bits = DEFAULT_FRAC_BITS if self.stream_bits == 64 else INT32_FRAC_BITS
+        _integer("frac_bits", self.frac_bits, 8, min(MAX_FRAC_BITS, self.stream_bits - 2))
         _integer("loss_chunk_bytes", self.loss_chunk_bytes, 1, None)
         _integer("recompute_chunk_bytes", self.recompute_chunk_bytes, 0, None)
         _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)

@@ -64,7 +64,8 @@ class StoredState:
     """What one reversible stack keeps for its backward, in bits per element of the hidden state (× hidden × tokens
     for bytes), beside gradient checkpointing, which keeps one hidden-state tensor per layer in the model's dtype.
 
-    `stream_bits`: each of the two top streams (64: int64 fixed point; the dtype's bits for float streams);
+    `stream_bits`: each of the two top streams (64 / 32: int64 / int32 fixed point, `fixed_point`; the dtype's bits
+    for float streams);
     `layer_bits`: the residues stored per layer (k1 + k2 for λ = 2^-k1, β = 2^-k2)."""
 
     stack: str
@@ -73,6 +74,7 @@ class StoredState:
     layer_bits: int
     dtype: str
     dtype_bits: int
+    fixed_point: bool = True
 
     @property
     def total_bits(self) -> int:
@@ -80,9 +82,9 @@ class StoredState:
         return 2 * self.stream_bits + self.layers * self.layer_bits
 
     def total_bits_in(self, dtype_bits: int) -> int:
-        """`total_bits` for the same model in a dtype of `dtype_bits` bits: fixed-point (int64) streams keep their
-        width, float streams take the dtype's."""
-        streams = self.stream_bits if self.stream_bits == 64 else dtype_bits
+        """`total_bits` for the same model in a dtype of `dtype_bits` bits: fixed-point streams (int64, int32) keep
+        their width, float streams take the dtype's."""
+        streams = self.stream_bits if self.fixed_point else dtype_bits
         return 2 * streams + self.layers * self.layer_bits
 
     def checkpointing_bits(self, dtype_bits: int | None = None) -> int:
@@ -105,7 +107,7 @@ def stored_state(name: str, stack: ReversibleStack) -> StoredState:
     a = stack.arithmetic
     n = max(1, len(stack.couplings))
     return StoredState(name, len(stack.couplings), 8 * a.stream_itemsize(dtype), stack.stored_bits_per_element // n,
-                       str(dtype).replace("torch.", ""), 8 * dtype.itemsize)
+                       str(dtype).replace("torch.", ""), 8 * dtype.itemsize, a.powers_of_two)
 
 
 @dataclass

@@ -63,8 +63,8 @@ class StreamArithmetic:
     #: `decode` makes a new tensor (not the stream itself), which a chunked block may overwrite with its output.
     decodes_to_new = False
 
-    def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS):
-        """Settings an arithmetic does not use (float streams: `frac_bits`) are ignored."""
+    def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS, stream_bits: int = 64):
+        """Settings an arithmetic does not use (float streams: `frac_bits`, `stream_bits`) are ignored."""
 
     @property
     def key(self) -> tuple:
@@ -153,7 +153,8 @@ class FloatStreams(StreamArithmetic):
 
 
 class FixedPointStreams(StreamArithmetic):
-    """Both streams in int64 fixed point (`frac_bits` fractional bits); λ = 2^-k1, β = 2^-k2.
+    """Both streams in int64 (or, `stream_bits=32`, int32) fixed point (`frac_bits` fractional bits);
+    λ = 2^-k1, β = 2^-k2.
 
     update:  y = (x >> k) + quantize(out), the k shifted-out bits kept (packed) as the residue;
     restore: x = shift_up(y − quantize(out), residue). Integer addition loses nothing, so the
@@ -169,14 +170,22 @@ class FixedPointStreams(StreamArithmetic):
     powers_of_two = True
     decodes_to_new = True
 
-    def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS):
-        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 1 <= frac_bits <= fxp.MAX_FRAC_BITS:
-            raise ValueError(f"frac_bits={frac_bits!r} must be an integer in [1, {fxp.MAX_FRAC_BITS}]")
-        self.frac_bits = frac_bits
+    def __init__(self, frac_bits: int = fxp.DEFAULT_FRAC_BITS, stream_bits: int = 64):
+        if stream_bits not in fxp.STREAM_DTYPES:
+            raise ValueError(f"stream_bits={stream_bits!r} must be one of {sorted(fxp.STREAM_DTYPES)}")
+        top = stream_bits - 2
+        if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 1 <= frac_bits <= top:
+            raise ValueError(f"frac_bits={frac_bits!r} must be an integer in [1, {top}] for {stream_bits}-bit streams")
+        self.frac_bits, self.stream_bits = frac_bits, stream_bits
+        self.stream_dtype = fxp.STREAM_DTYPES[stream_bits]
 
     @property
     def key(self) -> tuple:
-        return (self.name, self.frac_bits)
+        return (self.name, self.frac_bits) + ((self.stream_bits,) if self.stream_bits != 64 else ())
+
+    def _q_args(self, out) -> tuple:
+        """quantize's arguments: the int64 default left out, so int64 programs print as before."""
+        return (out, self.frac_bits) + ((self.stream_dtype,) if self.stream_bits != 64 else ())
 
     def check_scale(self, scale, name):
         super().check_scale(scale, name)
@@ -186,7 +195,7 @@ class FixedPointStreams(StreamArithmetic):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"an exact ReversibleStack takes a floating-point stream, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        return fxp.quantize(x, self.frac_bits)
+        return fxp.quantize(x, self.frac_bits, self.stream_dtype)
 
     def decode(self, h, dtype):
         return fxp.dequantize(h, self.frac_bits, dtype)
@@ -200,7 +209,7 @@ class FixedPointStreams(StreamArithmetic):
         return torch.float32 if dtype.itemsize < 4 else dtype
 
     def stream_itemsize(self, dtype):
-        return 8
+        return self.stream_bits // 8
 
     def residue_bits(self, scale):
         return exponent_of(scale)
@@ -212,11 +221,12 @@ class FixedPointStreams(StreamArithmetic):
         return g.create_node("call_function", fxp.dequantize, (h, self.frac_bits, dtype), name=name)
 
     def fused(self, steps):
-        return FusedFixedPointStreams(self.frac_bits, steps)
+        """Fused steps for int64 streams; int32 streams keep the eager steps (the kernels are int64's)."""
+        return FusedFixedPointStreams(self.frac_bits, steps) if self.stream_bits == 64 else self
 
     def emit_update(self, g, prev, out, scale, names, source=None):
         new, residue, equation = names
-        q = g.create_node("call_function", fxp.quantize, (out, self.frac_bits), name=f"{out.name}_q")
+        q = g.create_node("call_function", fxp.quantize, self._q_args(out), name=f"{out.name}_q")
         k = exponent_of(scale)
         if source is not None:  # quantize(F(x)) − (x >> k): F' = F − 2^-k·x in integers
             q = g.create_node("call_function", fxp.sub_shifted, (q, source, k, equation), name=f"{out.name}_leak")
@@ -229,7 +239,7 @@ class FixedPointStreams(StreamArithmetic):
 
     def emit_restore(self, g, new, out, residue, scale, name, checked=True, source=None):
         quantize, shift_up = (fxp.quantize, fxp.shift_up) if checked else (fxp.quantize_unchecked, fxp.shift_up_unchecked)
-        q = g.create_node("call_function", quantize, (out, self.frac_bits), name=f"{out.name}_q")
+        q = g.create_node("call_function", quantize, self._q_args(out), name=f"{out.name}_q")
         k = exponent_of(scale)
         if source is not None:
             args = (q, source, k, f"{name}: the leak term") if checked else (q, source, k)
@@ -298,7 +308,7 @@ def _straight_through_reference(arith: FixedPointStreams, stack, x, context):
         src_c = src_c.view_as(src_c) if compensated else src_c
         out = run(deq(src_q, src_c), context)
         k = exponent_of(scale)
-        q = fxp.quantize(out, fb)
+        q = fxp.quantize(out, fb, arith.stream_dtype)
         if compensated:
             q = fxp.sub_shifted(q, src_q, k, what)
         new_q = fxp.add_checked(prev_q >> k if k else prev_q, q, what)
@@ -318,8 +328,8 @@ def _straight_through_reference(arith: FixedPointStreams, stack, x, context):
 ARITHMETICS = {"float": FloatStreams, "exact": FixedPointStreams}
 
 
-def make_arithmetic(numerics: str, frac_bits: int = fxp.DEFAULT_FRAC_BITS) -> StreamArithmetic:
-    """The arithmetic named `numerics` ("float" or "exact"); `frac_bits` for fixed point."""
+def make_arithmetic(numerics: str, frac_bits: int = fxp.DEFAULT_FRAC_BITS, stream_bits: int = 64) -> StreamArithmetic:
+    """The arithmetic named `numerics` ("float" or "exact"); `frac_bits` and `stream_bits` for fixed point."""
     if numerics not in ARITHMETICS:
         raise ValueError(f"numerics={numerics!r}: expected one of {', '.join(map(repr, ARITHMETICS))}")
-    return ARITHMETICS[numerics](frac_bits=frac_bits)
+    return ARITHMETICS[numerics](frac_bits=frac_bits, stream_bits=stream_bits)

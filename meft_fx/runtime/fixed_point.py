@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT_FRAC_BITS",
     "MAX_FRAC_BITS",
     "MAX_SHIFT",
+    "STREAM_DTYPES",
+    "width",
     "quantize",
     "quantize_unchecked",
     "dequantize",
@@ -76,14 +78,19 @@ DEFAULT_FRAC_BITS: int = 32
 #: |value| < 2 is representable, so larger values make no sense.
 MAX_FRAC_BITS: int = 62
 
+#: The integer dtypes a stream may have, by width: int64 (the default) or int32 (half the memory; its range
+#: ±2^(31 − frac_bits) must hold the stream: `MEFTConfig(stream_bits=32)`).
+STREAM_DTYPES = {64: torch.int64, 32: torch.int32}
+
 #: Largest accepted shift ``k`` (λ = 2^-k).  Realistic values are 0..16.
 MAX_SHIFT: int = 62
 
 _TWO63 = float(2 ** 63)
 
 #: What to do when a stream leaves the fixed-point range (said by every overflow error).
-OVERFLOW_ADVICE = ("values beyond ±2^(63 − frac_bits) do not fit: convert with a smaller "
-                   "MEFTConfig(frac_bits=...), e.g. 24, or numerics='float'")
+OVERFLOW_ADVICE = ("values beyond ±2^(63 − frac_bits) (int32 streams: ±2^(31 − frac_bits)) do not fit: convert "
+                   "with a smaller MEFTConfig(frac_bits=...), e.g. 24 (int32: 12), with MEFTConfig(stream_bits=64) "
+                   "if the streams are int32, or numerics='float'")
 
 
 class FixedPointOverflow(RuntimeError):
@@ -114,15 +121,27 @@ def _check_k(k, name: str = "k") -> int:
 
 
 def _check_int64(q, name: str) -> None:
+    """`q` is a fixed-point stream: an int64 or int32 tensor (`STREAM_DTYPES`)."""
     if not isinstance(q, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of dtype int64, got {type(q).__name__}")
-    if q.dtype != torch.int64:
-        raise ValueError(f"{name} must have dtype torch.int64 (a fixed-point stream), got {q.dtype}")
+        raise ValueError(f"{name} must be a torch.Tensor of dtype int64 or int32, got {type(q).__name__}")
+    if q.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must have dtype torch.int64 or torch.int32 (a fixed-point stream), got {q.dtype}")
+
+
+def width(q: torch.Tensor) -> int:
+    """The bit width of a fixed-point stream's integers (64 or 32)."""
+    return 8 * q.element_size()
+
+
+def _stream_dtype(dtype) -> torch.dtype:
+    if dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"a fixed-point stream's dtype must be torch.int64 or torch.int32, got {dtype!r}")
+    return dtype
 
 
 # ------------------------------------------------------------------------ quantize / dequantize
-def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
-    """Convert a float tensor to int64 fixed point: ``round(x · 2^frac_bits)``.
+def quantize(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Convert a float tensor to fixed point in `dtype` (int64, or int32): ``round(x · 2^frac_bits)``.
 
     Accepts any floating dtype (float64, float32, bfloat16, float16).  The computation is
     done in fp32 (float64 for float64 input), where scaling by a power of two is exact
@@ -133,9 +152,11 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     Raises:
         ValueError: ``x`` is not a floating tensor; ``frac_bits`` is not in
             [0, MAX_FRAC_BITS]; ``x`` contains NaN or ±inf (the count is reported); or a
-            value does not fit in int64 after scaling (|x| ≥ 2^(63 - frac_bits)).
+            value does not fit in `dtype` after scaling (|x| ≥ 2^(63 - frac_bits), int32: 2^(31 - frac_bits)).
     """
     frac_bits = _check_frac_bits(frac_bits)
+    dtype = _stream_dtype(dtype)
+    bits = 8 * dtype.itemsize
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -147,13 +168,13 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
     work = x.detach()
     if work.dtype != torch.float64:
         work = work.to(torch.float32)
-    limit = 2.0 ** (63 - frac_bits)
+    limit = 2.0 ** (bits - 1 - frac_bits)
     if torch.compiler.is_compiling():  # torch.export: the same check as an op of the exported program
-        torch._assert_async((work.abs() < limit).all(), f"quantize: values are NaN, infinite or overflow int64 with "
-                            f"frac_bits={frac_bits} (|x| < {limit:.6g} needed)")
-        return (work * (2.0 ** frac_bits)).round_().to(torch.int64)
+        torch._assert_async((work.abs() < limit).all(), f"quantize: values are NaN, infinite or overflow int{bits} "
+                            f"with frac_bits={frac_bits} (|x| < {limit:.6g} needed)")
+        return (work * (2.0 ** frac_bits)).round_().to(dtype)
     lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)  # NaN propagates
-    if not (-limit <= lo and hi < limit):  # int64 holds [-2^63, 2^63)
+    if not (-limit <= lo and hi < limit):  # int64 holds [-2^63, 2^63), int32 [-2^31, 2^31)
         worst = max(abs(lo), abs(hi))
         finite = torch.isfinite(work)
         if not bool(finite.all()):
@@ -162,20 +183,20 @@ def quantize(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
                              "fixed point cannot represent them (did F or G overflow in "
                              f"{x.dtype}?)")
         n_over = int(((work >= limit) | (work < -limit)).sum())
-        raise ValueError(f"quantize: {n_over} values overflow int64 with frac_bits={frac_bits} "
+        raise ValueError(f"quantize: {n_over} values overflow int{bits} with frac_bits={frac_bits} "
                          f"(max |x| = {worst:.6g}, representable |x| < {limit:.6g}); "
                          f"{OVERFLOW_ADVICE}")
     scaled = work * (2.0 ** frac_bits)  # power-of-two scaling: exact
     scaled.round_()  # ties to even
-    return scaled.to(torch.int64)
+    return scaled.to(dtype)
 
 
-def quantize_unchecked(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+def quantize_unchecked(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """`quantize` without its checks (for inference programs that check their output instead):
-    the same integers for finite values in range; NaN, inf and values out of range give int64's
-    minimum (a value no stream of real activations reaches)."""
+    the same integers for finite values in range; NaN, inf and values out of range give unspecified integers
+    (int64: its minimum, a value no stream of real activations reaches)."""
     work = x.detach() if x.dtype == torch.float64 else x.detach().to(torch.float32)
-    return (work * (2.0 ** frac_bits)).round_().to(torch.int64)
+    return (work * (2.0 ** frac_bits)).round_().to(dtype)
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -464,16 +485,16 @@ def shift_up(q_shifted: torch.Tensor, packed_remainder: torch.Tensor, k: int, *,
             raise ValueError(f"shift_up(packed=False): remainder shape {tuple(packed_remainder.shape)} "
                              f"!= q_shifted shape {tuple(q_shifted.shape)} (was shift_down called "
                              "with packed=True?)")
-        rem = packed_remainder.to(torch.int64)
+        rem = packed_remainder.to(q_shifted.dtype)
         if n:
             lo, hi = torch.aminmax(rem)
             if int(lo) < 0 or int(hi) >= (1 << k):
                 raise ValueError(f"shift_up: remainder values must lie in [0, 2^{k}), got range "
                                  f"[{int(lo)}, {int(hi)}]")
-    lim = 1 << (63 - k)
+    lim = 1 << (width(q_shifted) - 1 - k)
     if n and not (-lim <= int((mm := torch.aminmax(q_shifted)).min) and int(mm.max) < lim):
-        raise FixedPointOverflow(f"shift_up: q_shifted << {k} overflows int64; q_shifted did not come "
-                                 "from shift_down with the same k")
+        raise FixedPointOverflow(f"shift_up: q_shifted << {k} overflows int{width(q_shifted)}; q_shifted did not "
+                                 "come from shift_down with the same k")
     out = q_shifted << k
     out |= rem
     return out
@@ -578,16 +599,17 @@ def add_checked(a: torch.Tensor, b: torch.Tensor, what: str = "a + b") -> torch.
         raise ValueError(f"{what}: the update has shape {tuple(b.shape)}, the stream it is added to "
                          f"{tuple(a.shape)}")
     s = a + b
+    top = 1 << (width(s) - 1)
     if torch.compiler.is_compiling():  # torch.export: the overflow test as an op of the exported program
-        torch._assert_async(~((((a ^ s) & (b ^ s)) < 0).any()), f"{what}: int64 overflow in fixed point")
+        torch._assert_async(~((((a ^ s) & (b ^ s)) < 0).any()), f"{what}: int{width(s)} overflow in fixed point")
         return s
     if a.numel():  # fast path: two reductions, no temporaries; bounds add exactly as Python ints
         (alo, ahi), (blo, bhi) = ((int(v) for v in torch.aminmax(t)) for t in (a, b))
-        if -(1 << 63) <= alo + blo and ahi + bhi < (1 << 63):
+        if -top <= alo + blo and ahi + bhi < top:
             return s
     # Overflow iff a and b have the same sign and s has the other one.
     if bool((((a ^ s) & (b ^ s)) < 0).any()):
-        raise FixedPointOverflow(f"{what} overflows int64 fixed point ({OVERFLOW_ADVICE})")
+        raise FixedPointOverflow(f"{what} overflows int{width(s)} fixed point ({OVERFLOW_ADVICE})")
     return s
 
 
@@ -606,16 +628,17 @@ def sub_shifted(q: torch.Tensor, source: torch.Tensor, k: int, what: str = "q �
         raise ValueError(f"{what}: the update has shape {tuple(q.shape)}, its input stream {tuple(source.shape)}")
     leak = source >> k if k else source
     s = q - leak
+    top = 1 << (width(s) - 1)
     if torch.compiler.is_compiling():  # torch.export: the overflow test as an op of the exported program
-        torch._assert_async(~((((q ^ leak) & (q ^ s)) < 0).any()), f"{what}: int64 overflow in fixed point")
+        torch._assert_async(~((((q ^ leak) & (q ^ s)) < 0).any()), f"{what}: int{width(s)} overflow in fixed point")
         return s
     if q.numel():  # fast path: the bounds subtract exactly as Python ints
         (qlo, qhi), (llo, lhi) = ((int(v) for v in torch.aminmax(t)) for t in (q, leak))
-        if -(1 << 63) <= qlo - lhi and qhi - llo < (1 << 63):
+        if -top <= qlo - lhi and qhi - llo < top:
             return s
     # Overflow iff q and leak have different signs and s has leak's sign.
     if bool((((q ^ leak) & (q ^ s)) < 0).any()):
-        raise FixedPointOverflow(f"{what} overflows int64 fixed point ({OVERFLOW_ADVICE})")
+        raise FixedPointOverflow(f"{what} overflows int{width(s)} fixed point ({OVERFLOW_ADVICE})")
     return s
 
 

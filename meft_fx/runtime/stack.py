@@ -45,13 +45,13 @@ class ReversibleStack(nn.Module):
     """Called as `stack(x, *context)`; returns one stream (`out_index` 0 or 1) or the mean of both ("mean").
 
     `numerics` names the stream arithmetic (`meft_fx.runtime.arithmetic.ARITHMETICS`): "float"
-    (the paper's) or "exact" (int64 fixed point with `frac_bits` fractional bits, λ/β powers of two,
+    (the paper's) or "exact" (int64 — `stream_bits=32`: int32 — fixed point with `frac_bits` fractional bits, λ/β powers of two,
     bit-exact reconstruction). It can be changed after construction, like `reversible`.
     """
 
     def __init__(self, couplings: Sequence[Coupling], num_context: int, out_index, reversible: bool = True,
                  has_random: bool = True, record: StackRecord | None = None, numerics: str = "float",
-                 frac_bits: int = fxp.DEFAULT_FRAC_BITS):
+                 frac_bits: int = fxp.DEFAULT_FRAC_BITS, stream_bits: int = 64):
         super().__init__()
         self.couplings = nn.ModuleList(couplings)
         self.num_context = int(num_context)
@@ -59,7 +59,7 @@ class ReversibleStack(nn.Module):
         self.reversible = bool(reversible)
         self.has_random = bool(has_random)
         self.record = record or StackRecord()
-        self._frac_bits = int(frac_bits)
+        self._frac_bits, self._stream_bits = int(frac_bits), int(stream_bits)
         self.numerics = numerics
         self.__dict__["_compile_settings"] = None
 
@@ -71,7 +71,7 @@ class ReversibleStack(nn.Module):
 
     @numerics.setter
     def numerics(self, name: str) -> None:
-        arith = make_arithmetic(name, self._frac_bits)
+        arith = make_arithmetic(name, self._frac_bits, self._stream_bits)
         for i, c in enumerate(self.couplings):
             try:
                 arith.check_scale(c.lam, "λ")
@@ -85,6 +85,11 @@ class ReversibleStack(nn.Module):
     def frac_bits(self) -> int:
         """Fractional bits of the fixed-point streams (used by exact numerics)."""
         return self._frac_bits
+
+    @property
+    def stream_bits(self) -> int:
+        """The fixed-point streams' integer width, 64 or 32 (used by exact numerics)."""
+        return self._stream_bits
 
     @property
     def exponents(self):

@@ -394,3 +394,59 @@ def test_stack_records_numerics_and_exponents():
     st = stacks(model)[0]
     assert st.numerics == "exact" and st.exponents == model.meft_config.exponents  # the k convert measured
     assert st.stored_bits_per_element == SMALL * sum(st.exponents)
+
+
+# ----------------------------------------------------------------------------- 32-bit streams
+@pytest.mark.parametrize("kind, dtype", [("llama", torch.bfloat16), ("llama", torch.float32), ("bert", torch.float32)],
+                         ids=["llama-bf16", "llama-fp32", "bert-fp32"])
+def test_int32_streams_keep_the_gradients_bit_identical_and_halve_the_top_streams(kind, dtype):
+    model = tiny_model(kind, dtype, 4)
+    torch.manual_seed(7)
+    rev = meft_fx.convert(model, MEFTConfig(method="meft3", stream_bits=32, verbose=False))
+    (st,) = stacks(rev)
+    assert (st.stream_bits, st.frac_bits, st.arithmetic.stream_itemsize(dtype)) == (32, 16, 4)
+    g_rev, g_ref = reversible_and_reference_grads(rev, batch(kind))
+    assert max_rel_err(g_rev, g_ref) == 0
+    assert "torch.int32" in st.program(0, "forward", dtype).code
+    stored = meft_fx.explain(rev, estimate_memory=False).stored[0]
+    assert stored.stream_bits == 32 and stored.total_bits == 2 * 32 + st.stored_bits_per_element
+    assert stored.total_bits_in(16) == stored.total_bits  # integer streams keep their width in any dtype
+    if kind == "llama":  # generation runs the same int32 programs, unchecked, with the KV cache
+        ids = batch(kind)["input_ids"][:1, :5]
+        with torch.no_grad():
+            cached = rev.eval().generate(ids, max_new_tokens=4, do_sample=False)
+            plain = rev.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert torch.equal(cached, plain)
+
+
+def test_saved_adapters_keep_int32_streams(tmp_path):
+    model = tiny_model("llama", torch.float32, 2)
+    torch.manual_seed(7)
+    rev = meft_fx.convert(model, MEFTConfig(stream_bits=32, frac_bits=14, verbose=False)).eval()
+    meft_fx.save_adapters(rev, tmp_path / "a")
+    again = meft_fx.from_pretrained(tiny_model("llama", torch.float32, 2), tmp_path / "a", verbose=False).eval()
+    (st,) = stacks(again)
+    assert (st.stream_bits, st.frac_bits) == (32, 14)
+    inputs = {k: v for k, v in batch("llama").items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, rev(**inputs).logits)
+
+
+def test_an_int32_stream_out_of_range_names_frac_bits_and_stream_bits():
+    model = tiny_model("llama", torch.float32, 2)
+    torch.manual_seed(7)
+    rev = meft_fx.convert(model, MEFTConfig(method="meft3", stream_bits=32, frac_bits=28, scale_bits=4,
+                                            verbose=False))
+    inputs = batch("llama")
+    with torch.no_grad():
+        rev.get_input_embeddings().weight.mul_(1e3)  # the stream far beyond ±2^(31 − 28) = ±8
+    with pytest.raises((ValueError, fxp.FixedPointOverflow), match=r"int32.*stream_bits=64"):
+        rev(**inputs).loss.backward()
+
+
+def test_stream_bits_is_validated_with_its_frac_bits():
+    with pytest.raises(ValueError, match="stream_bits=16"):
+        MEFTConfig(stream_bits=16)
+    with pytest.raises(ValueError, match="frac_bits"):
+        MEFTConfig(stream_bits=32, frac_bits=32)
+    assert MEFTConfig().frac_bits == 32 and MEFTConfig(stream_bits=32).frac_bits == 16

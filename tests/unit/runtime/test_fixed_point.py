@@ -18,6 +18,7 @@ from meft_fx.runtime.fixed_point import (
     shift_down,
     shift_up,
     shift_up_unchecked,
+    sub_shifted,
     unpack_bits,
 )
 
@@ -186,8 +187,8 @@ def test_shift_errors():
         shift_down(q, -1)
     with pytest.raises(ValueError, match="k"):
         shift_up(q, torch.empty(0, dtype=torch.uint8), -3)
-    with pytest.raises(ValueError, match="int64"):
-        shift_down(q.to(torch.int32), 3)
+    with pytest.raises(ValueError, match="int64 or torch.int32"):
+        shift_down(q.to(torch.int16), 3)
     s, rem = shift_down(q, 3)
     with pytest.raises(ValueError, match="bytes"):
         shift_up(s, rem[:-1], 3)
@@ -331,3 +332,24 @@ def test_sub_shifted_subtracts_the_shifted_source_and_checks_overflow():
     assert torch.equal(sub_shifted(torch.tensor([hi - 2]), torch.tensor([-4]), 1, "y"), torch.tensor([hi]))
     with pytest.raises(ValueError, match="shape"):
         sub_shifted(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), 1, "y")
+
+
+def test_int32_streams_use_int32_limits_everywhere():
+    """quantize, the checked sums and shift_up test int32's range for int32 streams; shifts and checksums work."""
+    x = torch.tensor([1.5, -2.25, 32767.0])
+    q = quantize(x, 16, torch.int32)
+    assert q.dtype == torch.int32 and q.tolist() == [3 << 15, -(9 << 14), 32767 << 16]
+    assert torch.equal(dequantize(q, 16, torch.float32), x)
+    with pytest.raises(ValueError, match=r"overflow int32 with frac_bits=16.*stream_bits=64"):
+        quantize(torch.tensor([32768.0]), 16, torch.int32)
+    s, rem = shift_down(q, 5)
+    assert s.dtype == torch.int32 and torch.equal(shift_up(s, rem, 5), q)
+    big = torch.tensor([2 ** 30], dtype=torch.int32)
+    with pytest.raises(FixedPointOverflow, match="int32"):
+        add_checked(big, big)
+    with pytest.raises(FixedPointOverflow, match="int32"):
+        sub_shifted(-big - 2, big, 0)
+    with pytest.raises(FixedPointOverflow, match="int32"):
+        shift_up(big, torch.zeros(1, dtype=torch.uint8), 3, packed=False)
+    assert add_checked(big, -big).dtype == torch.int32
+    assert checksum(q) != checksum(q.flip(0)) and checksum(q) == checksum(q.clone())
