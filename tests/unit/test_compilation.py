@@ -91,6 +91,21 @@ def test_bare_torch_compile_matches_eager_and_compiles_couplings(numerics):
     assert not reasons, reasons
 
 
+@pytest.mark.slow
+def test_int32_streams_compile_with_the_eager_stream_steps():
+    """The fused (compiled) stream steps are int64's: a stack with 32-bit streams compiles its F and G and keeps
+    the eager integer steps, with eager's gradients."""
+    arch = make("bert", num_layers=1, hidden=32)
+    inputs = arch.make_inputs(*SHAPES[0])
+    eager = meft_fx.convert(arch.model, meft_fx.MEFTConfig(stream_bits=32), example_inputs=inputs)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, dynamic=True, options={"fallback_random": True})
+    _assert_close(_grads(eager, inputs), _grads(model, inputs, call=compiled), "int32 streams, compiled")
+    assert meft_fx.compiled_couplings(model)
+    (st,) = [m for m in model.modules() if isinstance(m, ReversibleStack)]
+    assert st.stream_bits == 32 and "torch.int32" in st.program(0, "forward", torch.float32).code
+
+
 def test_compile_outer_false_compiles_only_the_couplings():
     arch = make("llama", num_layers=1, hidden=32)
     inputs = arch.make_inputs(*SHAPES[0])
