@@ -167,14 +167,6 @@ def depth_table(depths, hidden, seq, batch, method):
           f"Not counted: RNG states for dropout replay and the checksums (per call, not per token).")
 
 
-def _perplexity_and_top1(model, batch):
-    with torch.no_grad():
-        logp = torch.log_softmax(model.eval()(**batch).logits.float(), -1)
-    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    return float(nll[mask[:, 1:]].mean().exp()), logp.argmax(-1)[mask]
-
-
 def _minilm_measure():
     model, tok = pretrained.minilm()
     sentences = ["The movie was a delight from start to finish.", "I would not recommend this restaurant.",
@@ -196,10 +188,10 @@ def _smollm2_measure(model=None, tok=None):
     if model is None:
         model, tok = pretrained.smollm2()
     batch = dict(tok(pretrained.prose(), return_tensors="pt", padding=True))
-    ppl, top1 = _perplexity_and_top1(model, batch)
+    ppl, top1 = pretrained.next_token_stats(model, batch)
 
     def ratio(m):
-        got, got1 = _perplexity_and_top1(m, batch)
+        got, got1 = pretrained.next_token_stats(m, batch)
         return f"{got / ppl:.3f} / {100 * (got1 == top1).float().mean().item():.1f}%"
     return model, ratio
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["smollm2", "smollm2_config", "smollm2_tokenizer", "minilm", "prose", "chat_prompt", "cache_dir", "SMOLLM2_GGUF", "SMOLLM2_NAME"]
+__all__ = ["smollm2", "smollm2_config", "smollm2_tokenizer", "minilm", "prose", "chat_prompt", "next_token_stats",
+           "cache_dir", "SMOLLM2_GGUF", "SMOLLM2_NAME"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -135,6 +136,16 @@ def prose() -> list[str]:
     """Ten paragraphs of English prose shipped with meft_fx (meft_fx/data/prose.txt)."""
     text = (Path(__file__).parent / "data" / "prose.txt").read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def next_token_stats(model, batch: dict) -> tuple[float, torch.Tensor]:
+    """(perplexity of `batch`'s tokens, the top-1 next token at every unpadded position) of a causal LM in eval
+    mode, no gradients: how the starting point is checked on `prose()` (tests, `examples/numerics_table.py`)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(**batch).logits.float(), -1)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return float(nll[mask[:, 1:]].mean().exp()), logp.argmax(-1)[mask]
 
 
 def chat_prompt(tok, question: str) -> torch.Tensor:

@@ -29,16 +29,7 @@ def prose(tok):
 def original_fp32(prose):
     """(the fp32 model, its perplexity of the prose, its top-1 next tokens): loaded and measured once."""
     model, _ = pretrained.smollm2()
-    return (model, *next_token_stats(model, prose))
-
-
-def next_token_stats(model, batch):
-    """(perplexity of the prose, each position's top-1 next token) in eval mode."""
-    with torch.no_grad():
-        logp = torch.log_softmax(model.eval()(**batch).logits.float(), -1)
-    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    return float(nll[mask[:, 1:]].mean().exp()), logp.argmax(-1)[mask]
+    return (model, *pretrained.next_token_stats(model, prose))
 
 
 def answer(model, tok):
@@ -56,13 +47,13 @@ def stacks(model):
 def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, original_fp32, dtype):
     model, ppl, top1 = original_fp32 if dtype == torch.float32 else (pretrained.smollm2(dtype)[0], None, None)
     if ppl is None:
-        ppl, top1 = next_token_stats(model, prose)
+        ppl, top1 = pretrained.next_token_stats(model, prose)
     want = answer(model, tok)
     assert want.startswith("The capital of France is Paris")
     rev = meft_fx.convert(model)
     k = rev.meft_config.scale_bits
     assert rev.meft_config.method == "meft3" and k is not None and rev.model.starting_point.within
-    got_ppl, got_top1 = next_token_stats(rev, prose)
+    got_ppl, got_top1 = pretrained.next_token_stats(rev, prose)
     assert got_ppl <= 1.02 * ppl, (got_ppl, ppl, k)
     assert (got_top1 == top1).float().mean() >= 0.95
     assert answer(rev, tok) == want
@@ -71,14 +62,14 @@ def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, 
     for st in stacks(rev):
         for c in st.couplings:
             c.compensate_f = c.compensate_g = False
-    assert next_token_stats(rev, prose)[0] > 1.2 * ppl  # 1.36x here (k = 5)
+    assert pretrained.next_token_stats(rev, prose)[0] > 1.2 * ppl  # 1.36x here (k = 6)
 
 
 @pytest.mark.parametrize("method, extra", [("meft1", {}), ("meft2", {"adapter_init_std": 0.002})])
 def test_every_method_starts_within_two_percent(prose, original_fp32, method, extra):
     model, ppl, top1 = original_fp32
     rev = meft_fx.convert(model, MEFTConfig(method=method, **extra))
-    got_ppl, got_top1 = next_token_stats(rev, prose)
+    got_ppl, got_top1 = pretrained.next_token_stats(rev, prose)
     assert got_ppl <= 1.02 * ppl and (got_top1 == top1).float().mean() >= 0.95, (got_ppl, ppl)
 
 
