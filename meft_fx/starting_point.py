@@ -82,8 +82,9 @@ class StartingPoint:
         scale = f"λ/β = 2^-{self.scale_bits} ({self.chosen}), " if self.scale_bits is not None else ""
         bits = f"{self.stored_bits} bits stored per element per layer; " if self.stored_bits is not None else ""
         tried = ", ".join(f"k={k}: {d:.4f}" for k, d in self.tried.items()) if len(self.tried) > 1 else ""
-        return (f"{scale}{bits}{what} {self.distance:.4f}, {self.floor:.4f} at the finest scale (tolerance "
-                f"{self.tolerance:g} for each{'' if self.within else ', EXCEEDED'}){agree}; on {self.probe}"
+        return (f"{scale}{bits}{what} {self.distance:.4f}, {self.floor:.4f} at the finest scale: the scale adds "
+                f"{self.distance - self.floor:.4f} (tolerance {self.tolerance:g} for that and for the floor"
+                f"{'' if self.within else ', EXCEEDED'}){agree}; on {self.probe}"
                 + (f"; tried {tried}" if tried else ""))
 
 

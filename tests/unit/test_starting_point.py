@@ -68,7 +68,8 @@ def test_a_floor_beyond_the_tolerance_warns_and_names_the_adapters_init(monkeypa
 
 def test_a_given_scale_is_measured_once_and_a_far_one_warns_with_the_fix(monkeypatch):
     scripted(monkeypatch, {12: 0.001, 3: 0.05})
-    with pytest.warns(sp.StartWarning, match="tolerance 0.01 for each, EXCEEDED") as w:
+    far = r"the scale adds 0.0490 \(tolerance 0.01 for that and for the floor, EXCEEDED\)"
+    with pytest.warns(sp.StartWarning, match=far) as w:
         rev = meft_fx.convert(tiny_decoder("Llama"), MEFTConfig(scale_bits=3))
     point = rev.model.starting_point
     assert point.chosen == "given" and list(point.tried) == [3, 12] and rev.meft_config.scale_bits == 3
