@@ -218,7 +218,7 @@ def coupling_program(coupling, which: str, arith, n_ctx: int, dtype=None) -> fx.
 
 #: Fixed-point steps → (their unchecked stand-ins, how many leading arguments those take)
 #: (`inference_program(..., checked=False)`).
-_UNCHECKED = {fxp.quantize: (fxp.quantize_unchecked, 2), fxp.add_checked: (operator.add, 2),
+_UNCHECKED = {fxp.quantize: (fxp.quantize_unchecked, 3), fxp.add_checked: (operator.add, 2),
               fxp.sub_shifted: (fxp.sub_shifted_unchecked, 3), fxp.dequantize: (fxp.dequantize_unchecked, 3)}
 
 

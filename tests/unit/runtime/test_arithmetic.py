@@ -29,6 +29,7 @@ from meft_fx import MEFTConfig, ReconstructionError
 from meft_fx.runtime import ReversibleStack
 from meft_fx.runtime.replay import AutocastState
 from meft_fx.runtime import fixed_point as fxp
+from meft_fx.runtime.codegen import inference_program
 from meft_fx.conversion import ConvertedModule
 from meft_fx.inspection.graphs import stack_call
 
@@ -412,6 +413,9 @@ def test_int32_streams_keep_the_gradients_bit_identical_and_halve_the_top_stream
     stored = meft_fx.explain(rev, estimate_memory=False).stored[0]
     assert stored.stream_bits == 32 and stored.total_bits == 2 * 32 + st.stored_bits_per_element
     assert stored.total_bits_in(16) == stored.total_bits  # integer streams keep their width in any dtype
+    # inference programs (generation, export) keep the stream dtype, checked or not
+    for checked in (True, False):
+        assert "torch.int32" in inference_program(st.program(0, "forward", dtype), checked=checked).code
     if kind == "llama":  # generation runs the same int32 programs, unchecked, with the KV cache
         ids = batch(kind)["input_ids"][:1, :5]
         with torch.no_grad():
