@@ -120,12 +120,11 @@ def _check_k(k, name: str = "k") -> int:
     return _as_int(k, name, 0, MAX_SHIFT)
 
 
-def _check_int64(q, name: str) -> None:
+def _check_stream(q, name: str) -> None:
     """`q` is a fixed-point stream: an int64 or int32 tensor (`STREAM_DTYPES`)."""
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of dtype int64 or int32, got {type(q).__name__}")
-    if q.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must have dtype torch.int64 or torch.int32 (a fixed-point stream), got {q.dtype}")
+    _stream_dtype(q.dtype, f"{name} must have dtype torch.int64 or torch.int32 (a fixed-point stream), got {q.dtype}")
 
 
 def width(q: torch.Tensor) -> int:
@@ -133,9 +132,10 @@ def width(q: torch.Tensor) -> int:
     return 8 * q.element_size()
 
 
-def _stream_dtype(dtype) -> torch.dtype:
-    if dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"a fixed-point stream's dtype must be torch.int64 or torch.int32, got {dtype!r}")
+def _stream_dtype(dtype, message: str | None = None) -> torch.dtype:
+    """`dtype` if it is one of `STREAM_DTYPES`, else ValueError(`message`)."""
+    if dtype not in STREAM_DTYPES.values():
+        raise ValueError(message or f"a fixed-point stream's dtype must be torch.int64 or torch.int32, got {dtype!r}")
     return dtype
 
 
@@ -172,7 +172,7 @@ def quantize(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.int64) 
     if torch.compiler.is_compiling():  # torch.export: the same check as an op of the exported program
         torch._assert_async((work.abs() < limit).all(), f"quantize: values are NaN, infinite or overflow int{bits} "
                             f"with frac_bits={frac_bits} (|x| < {limit:.6g} needed)")
-        return (work * (2.0 ** frac_bits)).round_().to(dtype)
+        return quantize_unchecked(work, frac_bits, dtype)
     lo, hi = (float(v) for v in torch.aminmax(work)) if work.numel() else (0.0, 0.0)  # NaN propagates
     if not (-limit <= lo and hi < limit):  # int64 holds [-2^63, 2^63), int32 [-2^31, 2^31)
         worst = max(abs(lo), abs(hi))
@@ -186,9 +186,7 @@ def quantize(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.int64) 
         raise ValueError(f"quantize: {n_over} values overflow int{bits} with frac_bits={frac_bits} "
                          f"(max |x| = {worst:.6g}, representable |x| < {limit:.6g}); "
                          f"{OVERFLOW_ADVICE}")
-    scaled = work * (2.0 ** frac_bits)  # power-of-two scaling: exact
-    scaled.round_()  # ties to even
-    return scaled.to(dtype)
+    return quantize_unchecked(work, frac_bits, dtype)
 
 
 def quantize_unchecked(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -196,35 +194,32 @@ def quantize_unchecked(x: torch.Tensor, frac_bits: int, dtype: torch.dtype = tor
     the same integers for finite values in range; NaN, inf and values out of range give unspecified integers
     (int64: its minimum, a value no stream of real activations reaches)."""
     work = x.detach() if x.dtype == torch.float64 else x.detach().to(torch.float32)
-    return (work * (2.0 ** frac_bits)).round_().to(dtype)
+    return (work * (2.0 ** frac_bits)).round_().to(dtype)  # power-of-two scaling: exact; round: ties to even
 
 
 def dequantize(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Convert an int64 fixed-point tensor to floats of ``dtype``: ``q · 2^-frac_bits``.
+    """Convert a fixed-point tensor (int64 or int32) to floats of ``dtype``: ``q · 2^-frac_bits``.
 
     Rounds q once to fp32 (float64 for a float64 ``dtype``), scales exactly by 2^-frac_bits,
     then casts to ``dtype``: for |q| < 2^53 the same result as computing in float64 and
     rounding to ``dtype``.
 
     Raises:
-        ValueError: ``q`` is not int64, ``frac_bits`` out of range, or ``dtype`` is not a
+        ValueError: ``q`` is not int64 or int32, ``frac_bits`` out of range, or ``dtype`` is not a
             floating dtype.
     """
     frac_bits = _check_frac_bits(frac_bits)
-    _check_int64(q, "q")
+    _check_stream(q, "q")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dequantize: dtype must be a floating torch.dtype, got {dtype!r}")
-    # One rounding of q to the working float (fp32 for fp32 and narrower targets), then an exact
-    # power-of-two scaling: the same value as q · 2^-frac_bits computed in float64 and rounded to
-    # fp32 whenever |q| < 2^53 (always, for streams of real activations).
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    out = q.to(work)
-    out.mul_(2.0 ** -frac_bits)
-    return out if dtype == work else out.to(dtype)
+    return dequantize_unchecked(q, frac_bits, dtype)
 
 
 def dequantize_unchecked(q: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize` without validating its arguments (inference programs, once per token and half)."""
+    # One rounding of q to the working float (fp32 for fp32 and narrower targets), then an exact
+    # power-of-two scaling: the same value as q · 2^-frac_bits computed in float64 and rounded to
+    # fp32 whenever |q| < 2^53 (always, for streams of real activations).
     work = torch.float64 if dtype == torch.float64 else torch.float32
     out = q.to(work)
     out.mul_(2.0 ** -frac_bits)
@@ -429,7 +424,7 @@ def shift_down(q: torch.Tensor, k: int, *, packed: bool = True) -> tuple[torch.T
         ValueError: ``q`` not int64 or ``k`` not in [0, MAX_SHIFT].
     """
     k = _check_k(k)
-    _check_int64(q, "q")
+    _check_stream(q, "q")
     if k == 0:
         return q, torch.empty(0, dtype=torch.uint8, device=q.device)
     shifted = q >> k
@@ -458,7 +453,7 @@ def shift_up(q_shifted: torch.Tensor, packed_remainder: torch.Tensor, k: int, *,
             :func:`shift_down`).
     """
     k = _check_k(k)
-    _check_int64(q_shifted, "q_shifted")
+    _check_stream(q_shifted, "q_shifted")
     if not isinstance(packed_remainder, torch.Tensor):
         raise ValueError(f"shift_up: remainder must be a torch.Tensor, got {type(packed_remainder).__name__}")
     if k == 0:
@@ -568,7 +563,7 @@ def checksum(q: torch.Tensor) -> int:
     Raises:
         ValueError: ``q`` is not an int64 tensor.
     """
-    _check_int64(q, "q")
+    _check_stream(q, "q")
     n = q.numel()
     shape_key = len(q.shape)
     for d in q.shape:
