@@ -27,6 +27,7 @@ _EXPORTS = {
     "compile": "compilation", "compile_couplings": "compilation", "compiled_couplings": "compilation",
     "ConversionError": "errors", "CaptureError": "errors", "ReconstructionError": "errors",
     "AdapterMismatchError": "errors",
+    "shard": "distributed",
 }
 
 # `compile` is reachable as meft_fx.compile but not through `import *` (it would replace the builtin).

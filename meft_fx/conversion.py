@@ -8,6 +8,7 @@ the HF Trainer) is unchanged.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -23,6 +24,8 @@ from .nn.adapter import Adapter
 from .passes import run_pipeline
 from .progress import Progress
 from .runtime import ReversibleStack
+from .runtime.sharded import gathered, is_unit
+from .runtime.units import half_class_names, share_halves
 
 
 def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, adapters: dict, progress, what: str):
@@ -121,7 +124,8 @@ class ConvertedModule(nn.Module):
             self._refuse_unplanned_cache()
             if self._example is None:
                 raise generation.CacheUnsupported("converted without a recorded example call")
-            self.__dict__["_cache_plan"] = generation.CachePlan(self, self._example)
+            with gathered(self.__dict__.get("_sharded_halves", ())):  # meft_fx.shard: copies read whole weights
+                self.__dict__["_cache_plan"] = generation.CachePlan(self, self._example)
         return self._cache_plan
 
     def _refuse_unplanned_cache(self) -> None:
@@ -145,6 +149,8 @@ class ConvertedModule(nn.Module):
             f"model.state_dict(). ({self.owner or self.original_class})")
 
     def forward(self, *args, **kwargs):
+        if not self.__dict__.get("_sharded_halves"):
+            _warn_sharded_elsewhere(self)
         if generation.wants_cache(kwargs):
             if not (self.training and torch.is_grad_enabled()):
                 return self.cache_plan.call(args, kwargs)
@@ -168,14 +174,37 @@ class ConvertedModule(nn.Module):
         progress = Progress(self._config.verbose)
         what = self.owner or self.original_class
         progress(f"{what}: new call structure, capturing again")
-        gm, _, _ = capture_and_rewrite(self._original, args, kwargs, self._config, self._adapters, progress,
-                                       f"{what} (called with a new argument structure)")
+        with gathered(self.__dict__.get("_sharded_halves", ())):  # meft_fx.shard: trace the whole weights
+            gm, _, _ = capture_and_rewrite(self._original, args, kwargs, self._config, self._adapters, progress,
+                                           f"{what} (called with a new argument structure)")
         trainable = {id(p) for p in self.graph_module.parameters() if p.requires_grad}
         for p in gm.parameters():
             p.requires_grad_(id(p) in trainable)
         compile_like(gm, self.graph_module)  # stacks of a meft_fx.compile'd model: the new ones too
+        if self.__dict__.get("_sharded_halves"):  # meft_fx.shard: its halves run through the FSDP2 units
+            share_halves(self.graph_module, gm)
         self._variants.setdefault(key, []).append(gm)
         return gm
+
+
+def _warn_sharded_elsewhere(conv: ConvertedModule) -> None:
+    """FSDP2 made the halves units without `meft_fx.shard` (Accelerate's or the Trainer's auto wrap): it works, but the
+    original module and the other captured graphs still hold every frozen weight whole on each rank."""
+    if "_first_half" not in conv.__dict__:
+        conv.__dict__["_first_half"] = next((c.F for m in conv.graph_module.modules() if isinstance(m, ReversibleStack)
+                                             for c in m.couplings), None)
+    first = conv.__dict__["_first_half"]
+    if first is not None and is_unit(first) and not conv.__dict__.get("_warned_sharded"):
+        conv.__dict__["_warned_sharded"] = True
+        warnings.warn(SHARDED_ELSEWHERE, stacklevel=3)
+
+
+SHARDED_ELSEWHERE = (
+    "meft_fx: FSDP2 sharded the reversible halves of this model without meft_fx.shard (an auto-wrap policy of "
+    "Accelerate or the Trainer?). Training is correct, but each rank still holds every frozen weight whole: the "
+    "converted module keeps the original and its other captured graphs, which share those weights and which "
+    "fully_shard does not see. Call meft_fx.shard(model) before accelerator.prepare / Trainer(...) instead "
+    "(they leave a sharded model as it is); it shards the copies too.")
 
 
 def _same_call_other_no_cache(original: nn.Module, kwargs: dict):
@@ -450,6 +479,7 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     used = {m.config.method: m.config for m in out.modules() if isinstance(m, ConvertedModule)}
     out.meft_config = next(iter(used.values())) if len(used) == 1 else config
     out.register_forward_pre_hook(refuse_per_layer_outputs, with_kwargs=True)
+    _name_units(out)
     out.train(was_training)
     n_train, n_all = trainable_parameters(out)
     head = getattr(out, "get_output_embeddings", lambda: None)()
@@ -458,6 +488,13 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
              f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)"
              + ("; the LM head stays frozen (MEFTConfig(modules_to_save=('lm_head',)) trains it)" if frozen_head else ""))
     return out
+
+
+def _name_units(model: nn.Module) -> None:
+    """A transformers model's `_no_split_modules` gains its halves' classes (Accelerate's and the Trainer's FSDP2
+    TRANSFORMER_BASED_WRAP policy then shards each half on its own, as `meft_fx.shard` does)."""
+    if is_transformers_model(model):
+        model._no_split_modules = set(getattr(model, "_no_split_modules", None) or ()) | set(half_class_names(model))
 
 
 def _probe(model: nn.Module, example_inputs):

@@ -47,6 +47,7 @@ from .passes.transforms.cache_attention import cache_attention
 from .runtime import ReversibleStack
 from .runtime import fixed_point as fxp
 from .runtime.codegen import coupling_program, inference_program
+from .runtime.sharded import gathering
 
 __all__ = ["CachePlan", "CacheUnsupported", "wants_cache", "CACHE_ARGUMENTS"]
 
@@ -273,7 +274,8 @@ class CachePlan:
         values = [self._value(src, calls, sizes) for src in self.sources]
         context = self.context_program(*values)
         with using_cache(cache):
-            out = self.stack.run_programs(x, context, programs=self._programs(x.dtype))
+            programs = [gathering(p, (c.F, c.G)) for p, c in zip(self._programs(x.dtype), self.stack.couplings)]
+            out = self.stack.run_programs(x, context, programs=programs)
         if self.stack.arithmetic.powers_of_two and not bool(out.abs().amax() < GENERATION_LIMIT):
             raise fxp.FixedPointOverflow(f"{self.conv.owner or 'the model'}: the stack's output during generation is "
                                          f"NaN, infinite or beyond ±{GENERATION_LIMIT:g} (a diverged F or G)")

@@ -782,6 +782,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--generate", action="store_true",
                    help="instead of training steps: generation tokens/s with the KV cache, converted vs unconverted "
                         "(meft_fx.bench.generation; a decoder --arch, first of --depths; --out writes generation.md)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="instead: memory per rank under FSDP2, two CPU processes (meft_fx.bench.fsdp; smollm2, "
+                        "first of --depths, --seqs; --out writes fsdp.md)")
     _quality_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
@@ -790,6 +793,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return _quality(p, args)
     if args.generate:
         return _generate(args)
+    if args.fsdp:
+        from .fsdp import format_fsdp, run_fsdp
+        rows = run_fsdp(prepare, args.depths[0], args.seqs, args.seed, args.out)
+        sys.stdout.write(format_fsdp(rows))
+        return rows
     rows = run_benchmark(args.hidden, args.depths, args.seqs, args.batch, args.dtype, args.device,
                          expand_methods(args.methods), args.repeats, args.out, vocab=args.vocab, seed=args.seed,
                          compile_timeout=args.compile_timeout or None, arch=args.arch, heads=args.heads,

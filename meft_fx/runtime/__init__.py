@@ -9,6 +9,8 @@
     saved        context save/restore and gradient accumulation of the Function
     function     ReversibleFunction: the one autograd.Function over a stack
     stack        ReversibleStack: the module a converted graph calls
+    sharded      halves that are FSDP2 units: what the Function takes, gathering for copies of a half
+    units        the halves as FSDP2 units across a converted module's captured graphs
 
 Nothing here imports the passes, the conversion or inspection.
 """

@@ -8,6 +8,10 @@ backward through `vjp_in_chunks`, so the widest intermediate alive is `chunk_byt
 tokens × width. Chunks are consecutive rows in row-major order and every path runs them in the
 same order, so the random draws of dropout inside the block are the same in the forward and in the
 recompute (they differ from one unchunked draw, with the same distribution).
+
+A half sharded by FSDP2 runs whole on every path (`meft_fx.runtime.sharded`): FSDP gathers its weights at
+each call and treats a second call in one backward as a checkpoint's recompute, whose gradients it would
+not reduce. A gated FFN inside still runs in slices of its intermediate width (`meft_fx.nn.sliced_ffn`).
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .ahead import cotangent_ahead
+from .sharded import is_sharded
 
-__all__ = ["ChunkPlan", "MIN_EXPERT_ROWS", "fit", "run_in_chunks", "vjp_in_chunks"]
+__all__ = ["ChunkPlan", "MIN_EXPERT_ROWS", "fit", "run_in_chunks", "vjp_in_chunks", "backprop"]
 
 #: A chunk of a half with routed experts holds at least enough tokens to give each expert this many rows on
 #: average (tokens ≥ MIN_EXPERT_ROWS · experts / top-k): every chunk re-reads all the experts' weights and runs
@@ -82,7 +87,7 @@ def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, *context, reuse_input
     `reuse_input=True` (x is a temporary of the caller's, no gradient through it): the output is
     written over x chunk by chunk, so no second tensor of x's size exists."""
     flat, rows = _rows(x), plan.rows(x, _compiled(block))
-    if flat.shape[0] <= rows:
+    if flat.shape[0] <= rows or is_sharded(block):  # FSDP2: one call, one gathering of its weights
         return block(x, *context)
     reuse_input = reuse_input and not (torch.is_grad_enabled() and x.requires_grad)
     out = None
@@ -93,25 +98,28 @@ def run_in_chunks(block, x: torch.Tensor, plan: ChunkPlan, *context, reuse_input
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Tensor, params, plan: ChunkPlan,
+def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Tensor, params, plan: ChunkPlan | None,
                   input_grad: bool = True, reuse_input: bool = False, grad_into: torch.Tensor | None = None,
-                  context: tuple = ()):
+                  context: tuple = (), accumulate: bool = False):
     """(block(x, *context) detached, d x, grads of `params`) chunk by chunk: each chunk recomputed and
     back-propagated before the next, so one chunk's activations are alive at a time. The caller restores
     RNG and autocast. `params`: the tensors to differentiate besides x (parameters, and context tensors
-    that need a gradient: each chunk's share is summed).
+    that need a gradient: each chunk's share is summed). `plan` None: the block runs whole.
 
     `input_grad=False`: d x is not computed (None); autograd stops at the parameters.
     `reuse_input=True`: x is the caller's temporary; the output is written over x's rows once their chunk
     is back-propagated. `grad_into`: a tensor of x's shape to add d x into, in place (and return).
+    `accumulate=True` (a block sharded by FSDP2): one call, whole, back-propagated with `torch.autograd.backward`
+    so that the block's own parameters get their gradients in `.grad`, where FSDP reduces them (`backprop`).
     Neither keeps a list of chunks to concatenate, so the working set is one chunk's."""
-    flat, cot, rows = _rows(x.detach()), _rows(cotangent), plan.rows(x, _compiled(block))
+    flat, cot = _rows(x.detach()), _rows(cotangent)
+    rows = flat.shape[0] if plan is None or accumulate else plan.rows(x, _compiled(block))
     if flat.shape[0] <= rows:  # one call, shaped as the forward called it
-        return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context)
+        return _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context, accumulate)
     out, d_in, per_chunk = None, None, []
     for s in range(0, flat.shape[0], rows):
-        leaf = flat[s:s + rows].unsqueeze(0).detach().requires_grad_(input_grad)
-        o, g, pg = _chunk_vjp(block, leaf_input, leaf, cot[s:s + rows], params, input_grad, context)
+        leaf = flat[s:s + rows].unsqueeze(0).detach().requires_grad_(input_grad or accumulate)
+        o, g, pg = _chunk_vjp(block, leaf_input, leaf, cot[s:s + rows], params, input_grad, context, accumulate)
         out = _output_rows(x, o, reuse_input) if out is None else out
         out[s:s + rows] = o
         if g is not None:
@@ -128,21 +136,42 @@ def vjp_in_chunks(block, leaf_input: bool, x: torch.Tensor, cotangent: torch.Ten
     return out.reshape(*x.shape[:-1], out.shape[-1]), d_x, grads
 
 
-def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool, context: tuple = ()):
+def backprop(out: torch.Tensor, wrt: list, cotangent: torch.Tensor, accumulate: bool = False) -> list:
+    """The gradients of `out` (given its `cotangent`) with respect to each of `wrt` (None: unused).
+
+    `accumulate=True`: through `torch.autograd.backward` instead of `torch.autograd.grad`, so every other leaf
+    that needs a gradient gets it in `.grad` — the parameters FSDP2 gathered for the block, which its hooks
+    reduce-scatter — while `wrt` (leaves the caller made) are read back from theirs and left as they were."""
+    if not out.requires_grad:
+        return [None] * len(wrt)
+    if not accumulate:
+        return list(torch.autograd.grad(out, wrt, cotangent, allow_unused=True))
+    before = [t.grad for t in wrt]
+    for t in wrt:
+        t.grad = None
+    torch.autograd.backward(out, cotangent)
+    got = [t.grad for t in wrt]
+    for t, g in zip(wrt, before):
+        t.grad = g
+    return got
+
+
+def _chunk_vjp(block, leaf_input: bool, leaf, cot_rows, params, input_grad: bool, context: tuple = (),
+               accumulate: bool = False):
     """(output rows, d leaf rows or None, parameter grads) of one chunk. Its cotangent is handed ahead to a
     sliced FFN inside (`meft_fx.nn.sliced_ffn`), which then back-propagates while it recomputes."""
     with cotangent_ahead(cot_rows):
         out = block(leaf if leaf_input else leaf.view_as(leaf), *context)
     wrt = [leaf, *params] if input_grad else list(params)
-    g = (torch.autograd.grad(out, wrt, cot_rows.reshape(out.shape).to(out.dtype), allow_unused=True)
-         if out.requires_grad else [None] * len(wrt))
+    g = backprop(out, wrt, cot_rows.reshape(out.shape).to(out.dtype), accumulate)
     d_leaf = _rows(g[0]) if input_grad and g[0] is not None else None
     return _rows(out.detach()), d_leaf, (g[1:] if input_grad else g)
 
 
-def _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context=()):
-    leaf = x.detach().requires_grad_(input_grad)
-    out, d_leaf, grads = _chunk_vjp(block, leaf_input, leaf, _rows(cotangent), params, input_grad, context)
+def _vjp_whole(block, leaf_input, x, cotangent, params, input_grad, grad_into, context=(), accumulate=False):
+    leaf = x.detach().requires_grad_(input_grad or accumulate)
+    out, d_leaf, grads = _chunk_vjp(block, leaf_input, leaf, _rows(cotangent), params, input_grad, context,
+                                    accumulate)
     d_x = None if d_leaf is None else d_leaf.reshape(x.shape)
     if grad_into is not None:
         d_x = grad_into if d_x is None else grad_into.add_(d_x)

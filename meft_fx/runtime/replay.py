@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chunks import ChunkPlan, run_in_chunks, vjp_in_chunks
+from .sharded import is_sharded
 from .saved import GradAccumulator
 
 __all__ = ["RNGState", "AutocastState", "Tape", "record_rng", "replay_vjp"]
@@ -103,24 +104,12 @@ def replay_vjp(tape: Tape, half: str, block: torch.nn.Module, stream: torch.Tens
             out = (block(stream, *context) if chunk is None
                    else run_in_chunks(block, stream, chunk, *context, reuse_input=reuse_input))
         return out, grad_into
-    params = [p for p in block.parameters() if p.requires_grad]
+    sharded = is_sharded(block)  # FSDP2: its parameters' gradients go to FSDP, through .grad (`backprop`)
+    params = [] if sharded else [p for p in block.parameters() if p.requires_grad]
     ctx = [c for c in context if isinstance(c, torch.Tensor) and c.requires_grad]
-    if chunk is not None:
-        differentiated = [*params, *ctx]
-        with torch.enable_grad(), replay, tape.autocast.restore():
-            out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, differentiated, chunk,
-                                             input_grad, reuse_input, grad_into, context)
-        tape.grads.add(zip(differentiated, grads))
-        return out, d_in
+    differentiated = [*params, *ctx]
     with torch.enable_grad(), replay, tape.autocast.restore():
-        leaf = stream.detach().requires_grad_(input_grad)
-        out = block(leaf if tape.leaf_input else leaf.view_as(leaf), *context)
-    wrt = [leaf, *params, *ctx] if input_grad else [*params, *ctx]
-    if not out.requires_grad:  # nothing to back-propagate into (input_grad=False, no parameters used)
-        return out.detach(), grad_into
-    grads = torch.autograd.grad(out, wrt, cotangent.to(out.dtype), allow_unused=True)
-    d_in, grads = (grads[0], grads[1:]) if input_grad else (None, grads)
-    tape.grads.add(zip([*params, *ctx], grads))
-    if grad_into is not None and d_in is not None:
-        d_in = grad_into.add_(d_in)
-    return out.detach(), (grad_into if d_in is None else d_in)
+        out, d_in, grads = vjp_in_chunks(block, tape.leaf_input, stream, cotangent, differentiated, chunk,
+                                         input_grad, reuse_input, grad_into, context, accumulate=sharded)
+    tape.grads.add(zip(differentiated, grads))
+    return out, d_in

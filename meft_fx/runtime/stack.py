@@ -28,6 +28,7 @@ from .codegen import inference_program
 from .coupling import Coupling
 from .function import ReversibleFunction
 from .fused_steps import FusedSteps
+from .sharded import GRAD_TRIGGER, split_trainable
 
 __all__ = ["ReversibleStack", "StackRecord"]
 
@@ -169,8 +170,10 @@ class ReversibleStack(nn.Module):
     def _function_inputs(self, x, context):
         """The trainable parameters when the reversible Function should run, else None."""
         if self.reversible and torch.is_grad_enabled():
-            params = [p for p in self.parameters() if p.requires_grad]
+            params, sharded = split_trainable(self.couplings)
             _refuse_sharded(params)
+            if sharded:  # FSDP reduces those halves' gradients; the trigger makes the backward run
+                return params + [GRAD_TRIGGER]
             if params or x.requires_grad or any(isinstance(c, torch.Tensor) and c.requires_grad for c in context):
                 return params
         return None
@@ -244,13 +247,14 @@ _behind_graph_break = torch.compiler.disable(
 
 
 def _refuse_sharded(params) -> None:
-    """FSDP2 sharding inside a stack would make the reversible backward silently drop gradients."""
+    """`params`: the trainable parameters of the halves that are not FSDP2 units. One still sharded (DTensor)
+    belongs to a unit the programs never call (a coupling, the stack), whose hooks never gather it."""
     if params and torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
         if any(isinstance(p, DTensor) for p in params):
             raise RuntimeError(
                 "ReversibleStack: some trainable parameters are still sharded (DTensor) when the stack runs: "
-                "torch.distributed.fsdp.fully_shard was applied to a module inside the stack (a coupling, its F or "
-                "G), or to a stack the converted model does not run for this call structure. The reversible "
-                "backward recomputes F and G itself and cannot return gradients for sharded parameters. Apply "
-                "fully_shard to the whole converted model (or a module that contains the ConvertedModule) instead.")
+                "torch.distributed.fsdp.fully_shard was applied to a module the reversible programs do not call "
+                "(a Coupling or the ReversibleStack itself), so nothing gathers its parameters. Shard each "
+                "coupling's F and G on their own (meft_fx.shard(model) does, with the rest of the model in the "
+                "root unit), or apply fully_shard to the whole converted model only.")

@@ -8,9 +8,6 @@ padding and rank 1's has, so the ranks run different captured call structures (v
 """
 import functools
 import os
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
@@ -18,11 +15,11 @@ import torch.distributed as dist
 
 import architectures
 import meft_fx
+from ranks import WORLD, part, run_ranks, trainable_grads
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")]
 
-WORLD = 2
 BATCH, SEQ = 4, 8
 METHODS = ("meft1", "meft2", "meft3")
 
@@ -34,100 +31,61 @@ def build(method):
     return rev, arch.make_inputs(BATCH, SEQ)
 
 
-def trainable_grads(model):
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            g = p.grad
-            if g is not None and hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor
-                g = g.full_tensor()
-            out[name] = None if g is None else g.detach().clone()
-    return out
+def _body(rank, out_dir, results):
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # DDP, every method, default find_unused_parameters=False; two iterations (a parameter that got
+    # no gradient would make the second one fail: "Expected to have finished reduction ...").
+    for method in METHODS:
+        rev, inputs = build(method)
+        ddp = DDP(rev)
+        for _ in range(2):
+            ddp.zero_grad(set_to_none=True)
+            ddp(**part(inputs, rank)).loss.backward()
+        results[f"ddp_{method}"] = trainable_grads(rev)
 
-def half(inputs, rank):
-    n = BATCH // WORLD
-    return {k: v[rank * n:(rank + 1) * n] for k, v in inputs.items()}
+    # Then (meft3) train mode (dropout, RNG replay in the backward) with clipping and optimizer steps:
+    # the ranks stay in sync, and save_adapters unwraps DDP.
+    rev.train()
+    opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        ddp(**part(inputs, rank)).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in ddp.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+    results["ddp_train_params"] = {n: p.detach().clone() for n, p in rev.named_parameters() if p.requires_grad}
+    if rank == 0:
+        meft_fx.save_adapters(ddp, os.path.join(out_dir, "adapters"))
 
+    # FSDP2 on the whole converted model.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    rev, inputs = build("meft3")
+    fully_shard(rev, mesh=mesh)
+    for _ in range(2):
+        rev.zero_grad(set_to_none=True)
+        rev(**part(inputs, rank)).loss.backward()
+    results["fsdp2_root"] = trainable_grads(rev)
+    meft_fx.save_adapters(rev, os.path.join(out_dir, "fsdp_adapters"))  # collective; rank 0 writes
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    results = {}
+    # FSDP2 on a module the reversible programs never call (each Coupling) is refused with a clear error
+    # (F and G sharded on their own is what meft_fx.shard does: tests/integration/test_fsdp.py).
+    rev, inputs = build("meft3")
+    for c in rev.bert.encoder.graph_module.meft_stack.couplings:
+        fully_shard(c, mesh=mesh)
+    fully_shard(rev, mesh=mesh)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=120))
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # DDP, every method, default find_unused_parameters=False; two iterations (a parameter that got
-        # no gradient would make the second one fail: "Expected to have finished reduction ...").
-        for method in METHODS:
-            rev, inputs = build(method)
-            ddp = DDP(rev)
-            for _ in range(2):
-                ddp.zero_grad(set_to_none=True)
-                ddp(**half(inputs, rank)).loss.backward()
-            results[f"ddp_{method}"] = trainable_grads(rev)
-
-        # Then (meft3) train mode (dropout, RNG replay in the backward) with clipping and optimizer steps:
-        # the ranks stay in sync, and save_adapters unwraps DDP.
-        rev.train()
-        opt = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(2):
-            ddp(**half(inputs, rank)).loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in ddp.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            opt.zero_grad()
-        results["ddp_train_params"] = {n: p.detach().clone() for n, p in rev.named_parameters() if p.requires_grad}
-        if rank == 0:
-            meft_fx.save_adapters(ddp, os.path.join(out_dir, "adapters"))
-
-        # FSDP2 on the whole converted model.
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (WORLD,))
-        rev, inputs = build("meft3")
-        fully_shard(rev, mesh=mesh)
-        for _ in range(2):
-            rev.zero_grad(set_to_none=True)
-            rev(**half(inputs, rank)).loss.backward()
-        results["fsdp2_root"] = trainable_grads(rev)
-        meft_fx.save_adapters(rev, os.path.join(out_dir, "fsdp_adapters"))  # collective; rank 0 writes
-
-        # FSDP2 inside the stack (F and G sharded on their own) is refused with a clear error.
-        rev, inputs = build("meft3")
-        for c in rev.bert.encoder.graph_module.meft_stack.couplings:
-            fully_shard(c.F, mesh=mesh)
-            fully_shard(c.G, mesh=mesh)
-        fully_shard(rev, mesh=mesh)
-        try:
-            rev(**half(inputs, rank)).loss.backward()
-            results["fsdp2_nested"] = "no error"
-        except Exception as e:  # noqa: BLE001
-            results["fsdp2_nested"] = f"{type(e).__name__}: {e}"
-    except Exception:  # noqa: BLE001 - reported by the parent
-        results["error"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        rev(**part(inputs, rank)).loss.backward()
+        results["fsdp2_nested"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        results["fsdp2_nested"] = f"{type(e).__name__}: {e}"
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    for r, d in enumerate(res):
-        assert "error" not in d, f"rank {r} failed:\n{d['error']}"
-    return res, out
+    return run_ranks(_body, out), out
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,8 +139,8 @@ def test_fsdp2_whole_model_gradients_equal_single_process(ranks):
     assert all(torch.equal(p, want[n]) for n, p in fresh.named_parameters() if p.requires_grad)
 
 
-def test_fsdp2_inside_the_stack_is_refused(ranks):
+def test_fsdp2_on_a_coupling_is_refused(ranks):
     res, _ = ranks
     for r in range(WORLD):
         msg = res[r]["fsdp2_nested"]
-        assert "fully_shard" in msg and "ReversibleStack" in msg, msg
+        assert "fully_shard" in msg and "meft_fx.shard" in msg and "Coupling" in msg, msg
