@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .config import MEFTConfig
+from .runtime.fixed_point import DEFAULT_FRAC_BITS
 from .errors import AdapterMismatchError
 
 __all__ = ["save_adapters", "load_adapters", "adapter_config", "save_pretrained", "WEIGHTS_NAME", "CONFIG_NAME",
@@ -55,7 +56,7 @@ SAMPLE = 4096  # elements hashed per frozen tensor
 NETWORK_FIELDS = ("method", "adapter_rank", "adapter_activation", "output", "numerics", "frac_bits",
                   "stream_bits", "modules_to_save", "leak_compensation")
 # What a field was before it existed (folders saved by older versions lack it).
-NETWORK_DEFAULTS = {"frac_bits": MEFTConfig().frac_bits, "stream_bits": 64, "modules_to_save": [],
+NETWORK_DEFAULTS = {"frac_bits": DEFAULT_FRAC_BITS, "stream_bits": 64, "modules_to_save": [],
                     "leak_compensation": False}
 
 

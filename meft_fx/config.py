@@ -143,11 +143,14 @@ class MEFTConfig:
             2^-32, range ±2^31; INT32_FRAC_BITS = 16 for int32 streams: range ±2^15). A model whose activations
             overflow that range (an error says so) needs fewer, e.g. 24 (range ±2^39, resolution 6e-8). Ignored by
             float numerics.
-        stream_bits: 64 (default) or 32: the exact streams' integer width. 32 halves the two top streams' memory
+        stream_bits: the exact streams' integer width, 64 or 32; None (default): chosen by convert
+            (`meft_fx.stream_width`): int32 for a bf16/fp16 model whose hidden states, measured on the starting
+            point's probe, fit int32 with 4× headroom at ≥ 12 fractional bits (frac_bits then chosen by that
+            range, at most 16), else int64 (float32/float64 models: int64). 32 halves the two top streams' memory
             (2 × 32 instead of 2 × 64 bits per element of the hidden state) when their range fits ±2^(31 −
-            frac_bits): SmolLM2-135M's residual stream reaches |x| = 24494 on prose, inside int32's ±32768 at 16
-            fractional bits, where the starting point is unchanged. Gradients stay bit-identical; a stream that
-            leaves the range raises FixedPointOverflow naming frac_bits and stream_bits=64.
+            frac_bits): SmolLM2-135M's hidden state reaches |x| = 24448 on its probe in bf16, so int32 with 14
+            fractional bits. Gradients stay bit-identical; a stream that leaves the range raises
+            FixedPointOverflow naming frac_bits and stream_bits=64.
         reversible: True runs the backward by reconstructing activations (caches ~nothing).
             False builds the very same network and trains it with ordinary autograd: the reference.
         leak_compensation: True (default) writes each pretrained half as F'(x) = F(x) − λ·x (its skip connection
@@ -205,7 +208,7 @@ class MEFTConfig:
     adapter_init_std: float = 0.02
     numerics: str = "exact"
     frac_bits: Optional[int] = None
-    stream_bits: int = 64
+    stream_bits: Optional[int] = None
     reversible: bool = True
     leak_compensation: bool = True
     output: str = "pretrained"
@@ -243,10 +246,12 @@ class MEFTConfig:
             _number("start_tolerance", self.start_tolerance, "a number > 0 (or None: the default per measure)",
                     lambda v: 0.0 < v < math.inf)
         _integer("adapter_rank", self.adapter_rank, 1, None)
-        _choice("stream_bits", self.stream_bits, tuple(STREAM_DTYPES))
-        if self.frac_bits is None:
-            self.frac_bits = DEFAULT_FRAC_BITS if self.stream_bits == 64 else INT32_FRAC_BITS
-        _integer("frac_bits", self.frac_bits, 8, min(MAX_FRAC_BITS, self.stream_bits - 2))
+        if self.stream_bits is not None:
+            _choice("stream_bits", self.stream_bits, tuple(STREAM_DTYPES) + (None,))
+            if self.frac_bits is None:
+                self.frac_bits = DEFAULT_FRAC_BITS if self.stream_bits == 64 else INT32_FRAC_BITS
+        if self.frac_bits is not None:
+            _integer("frac_bits", self.frac_bits, 8, min(MAX_FRAC_BITS, (self.stream_bits or 64) - 2))
         _integer("loss_chunk_bytes", self.loss_chunk_bytes, 1, None)
         _integer("recompute_chunk_bytes", self.recompute_chunk_bytes, 0, None)
         _number("adapter_dropout", self.adapter_dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
@@ -256,6 +261,19 @@ class MEFTConfig:
                 raise ValueError(f"MEFTConfig.{name}={getattr(self, name)!r} must be True or False"
                                  + (" (or None: shown after 2 s)" if name == "verbose" else ""))
         return self
+
+    @property
+    def streams(self) -> tuple[int, int]:
+        """(stream_bits, frac_bits) a stack is built with before convert chooses (`stream_bits=None`: int64 until
+        `meft_fx.stream_width` measured the model)."""
+        bits = self.stream_bits or 64
+        return bits, self.frac_bits if self.frac_bits is not None else (
+            DEFAULT_FRAC_BITS if bits == 64 else INT32_FRAC_BITS)
+
+    @property
+    def chooses_streams(self) -> bool:
+        """Does convert choose the stream width (exact numerics, `stream_bits=None`)?"""
+        return self.numerics == "exact" and self.stream_bits is None
 
     def _check_scale(self, name: str) -> None:
         v = getattr(self, name)

@@ -61,6 +61,7 @@ class ConvertedModule(nn.Module):
 
     #: How far this module starts from the original (`meft_fx.starting_point.StartingPoint`; set by convert).
     starting_point = None
+    stream_choice = None  # the exact streams' width convert chose (meft_fx.stream_width)
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
                  unmatched: list, owner: str, example: tuple | None = None):

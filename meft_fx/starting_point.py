@@ -34,6 +34,7 @@ from torch import nn
 from .capture import module_mode
 from .config import SCALE_BITS_SEARCH, MEFTConfig
 from .runtime import ReversibleStack
+from .stream_width import choose_streams, measured_reach
 
 __all__ = ["StartingPoint", "StartWarning", "sample_probe", "choose_scale", "measure", "set_scale_bits",
            "PROBE_SEQUENCES", "PROBE_TOKENS"]
@@ -218,6 +219,9 @@ def choose_scale(model: nn.Module, convs: list, config: MEFTConfig, probe, probe
         if conv not in calls:
             continue
         call = calls[conv]
+        if conv.config.chooses_streams:
+            choice = choose_streams(conv, measured_reach(conv, call), _float_dtype(conv.original))
+            progress(f"{conv.owner or conv.original_class}: streams {choice}")
         with torch.no_grad(), module_mode(conv.original, False):
             reference = _output(conv.original(*call[0], **call[1]))
         point = _search(model, conv, call, reference, config, probe_name, progress)
@@ -226,6 +230,11 @@ def choose_scale(model: nn.Module, convs: list, config: MEFTConfig, probe, probe
         if not point.within:
             warnings.warn(_far_message(conv, point, config), StartWarning, stacklevel=3)
     return points
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of `module`'s first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _search(model, conv, call, reference, config: MEFTConfig, probe_name: str, progress) -> StartingPoint:

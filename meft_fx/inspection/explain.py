@@ -118,6 +118,7 @@ class Explanation:
     the analysis looked at and did not rewrite, each with the reason (and the pass that decided).
     `chunked`: one line per thing that runs in chunks (a vocabulary head's loss, FFN halves).
     `generation`: per converted module, whether `generate()` runs with a KV cache (and why not).
+    `streams`: per converted module, the exact streams' width convert chose and why (`meft_fx.stream_width`).
     `starting_points`: per converted module, how far it started from the original model when converted, the
     scale chosen and the bits it stores per element per layer (`meft_fx.starting_point.StartingPoint`).
     `stored`: per reversible stack, the bits per element of the hidden state it keeps for the backward (two top
@@ -131,6 +132,7 @@ class Explanation:
     chunked: list = field(default_factory=list)  # lines: what runs in chunks (the head's loss, FFN halves)
     generation: list = field(default_factory=list)  # lines: how generate() runs (with a KV cache or why not)
     starting_points: dict = field(default_factory=dict)  # {converted module: StartingPoint} (meft_fx.starting_point)
+    streams: dict = field(default_factory=dict)  # {converted module: StreamChoice} (meft_fx.stream_width)
     stored: list = field(default_factory=list)  # one StoredState per stack: bits per element kept for the backward
 
     @property
@@ -182,6 +184,9 @@ class Explanation:
         if self.stored:
             lines.append("kept for the backward (bits per element of the hidden state):")
             lines.extend(f"  - {st}" for st in self.stored)
+        if self.streams:
+            lines.append("exact streams (chosen by convert, MEFTConfig.stream_bits=None):")
+            lines.extend(f"  - {name}: {choice}" for name, choice in self.streams.items())
         if self.starting_points:
             lines.append("starting point (distance from the original model at conversion):")
             lines.extend(f"  - {name}: {point}" for name, point in self.starting_points.items())
@@ -232,6 +237,8 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
                 rep.generation.append(f"{label}: {line}")
             if getattr(m, "starting_point", None) is not None:
                 rep.starting_points[label] = m.starting_point
+            if getattr(m, "stream_choice", None) is not None:
+                rep.streams[label] = m.stream_choice
         if not isinstance(m, ReversibleStack):
             continue
         holder = max((k for k in owners if name.startswith(k + ".") or k == ""), key=len, default=None)

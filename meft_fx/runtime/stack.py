@@ -82,6 +82,11 @@ class ReversibleStack(nn.Module):
         self.__dict__["arithmetic"] = arith
         self.__dict__["_fused"] = None
 
+    def set_streams(self, stream_bits: int, frac_bits: int) -> None:
+        """Use `stream_bits`-wide fixed-point streams with `frac_bits` fractional bits (exact numerics)."""
+        self._stream_bits, self._frac_bits = int(stream_bits), int(frac_bits)
+        self.numerics = self.numerics
+
     @property
     def frac_bits(self) -> int:
         """Fractional bits of the fixed-point streams (used by exact numerics)."""

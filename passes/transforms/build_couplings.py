@@ -170,7 +170,7 @@ def build_couplings(gm: fx.GraphModule, analysis: StreamAnalysis, config, regist
         mod = ReversibleStack(couplings, len(cut.context), config.spec.output_stream(config.output),
                               reversible=config.reversible, has_random=cut.has_random,
                               record=StackRecord(stack.owner, config.method, cut.dim), numerics=config.numerics,
-                              frac_bits=config.frac_bits, stream_bits=config.stream_bits)
+                              frac_bits=config.streams[1], stream_bits=config.streams[0])
         name = "meft_stack" if single else f"meft_stack_{si}"
         gm.add_submodule(name, mod)
         with gm.graph.inserting_after(cut.end):

@@ -57,7 +57,12 @@ def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, 
     assert got_ppl <= 1.02 * ppl, (got_ppl, ppl, k)
     assert (got_top1 == top1).float().mean() >= 0.95
     assert answer(rev, tok) == want
-    assert f"2^-{k} (measured), {2 * k} bits stored per element per layer" in str(meft_fx.explain(rev, False))
+    text = str(meft_fx.explain(rev, False))
+    assert f"2^-{k} (measured), {2 * k} bits stored per element per layer" in text
+    # bf16: int32 streams, 14 fractional bits from the measured reach (|x| ≈ 24448, 4× headroom); fp32: int64
+    bits = 32 if dtype == torch.bfloat16 else 64
+    assert all(st.stream_bits == bits for st in stacks(rev)) and rev.meft_config.stream_bits == bits
+    assert f"int{bits} with {14 if bits == 32 else 32} fractional bits" in text
     # the paper's couplings at the same scale: the leak of whole streams takes the model far from its start
     for st in stacks(rev):
         for c in st.couplings:
