@@ -29,7 +29,7 @@ from .config import INT32_FRAC_BITS
 from .runtime import ReversibleStack
 from .runtime.fixed_point import DEFAULT_FRAC_BITS
 
-__all__ = ["StreamChoice", "choose_streams", "HEADROOM", "MIN_INT32_FRAC_BITS", "NARROW_DTYPES"]
+__all__ = ["StreamChoice", "choose_streams", "bf16_stream_bits", "HEADROOM", "MIN_INT32_FRAC_BITS", "NARROW_DTYPES"]
 
 HEADROOM = 4
 MIN_INT32_FRAC_BITS = 12
@@ -61,6 +61,11 @@ def choose_streams(conv: nn.Module, reach: float | None, dtype: torch.dtype) -> 
     conv.config = dataclasses.replace(conv.config, stream_bits=choice.bits, frac_bits=choice.frac_bits)
     conv.stream_choice = choice
     return choice
+
+
+def bf16_stream_bits(choice: StreamChoice | None) -> int | None:
+    """The stream width convert would choose for the same model in bf16 (its measured reach); None: not chosen."""
+    return None if choice is None else _choice(choice.reach, torch.bfloat16, None).bits
 
 
 def _choice(reach: float | None, dtype: torch.dtype, given: int | None) -> StreamChoice:

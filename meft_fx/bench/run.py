@@ -277,11 +277,14 @@ def stored_bits(method: str, runner, depth: int, dtype) -> dict:
         return {}
     from ..inspection.explain import stored_state
     from ..runtime import ReversibleStack
+    from ..stream_width import bf16_stream_bits
 
     stacks = [(n, m) for n, m in runner.named_modules() if isinstance(m, ReversibleStack) and m.reversible]
     if len(stacks) != 1:
         return {}
-    st = stored_state(*stacks[0])
+    choice = next((getattr(m, "stream_choice", None) for m in runner.modules()
+                   if getattr(m, "stream_choice", None) is not None), None)
+    st = stored_state(*stacks[0], bf16_stream_bits(choice))
     return {"stored_bits": st.total_bits, "stored_bits_bf16": st.total_bits_in(16)}
 
 

@@ -32,6 +32,7 @@ from ..nn.adapter import Adapter
 from ..nn.head_loss import ChunkedHeadLoss
 from ..passes.fx.dataflow import node_value
 from ..runtime import ReversibleStack
+from ..stream_width import bf16_stream_bits
 
 
 @dataclass
@@ -66,7 +67,9 @@ class StoredState:
 
     `stream_bits`: each of the two top streams (64 / 32: int64 / int32 fixed point, `fixed_point`; the dtype's bits
     for float streams);
-    `layer_bits`: the residues stored per layer (k1 + k2 for λ = 2^-k1, β = 2^-k2)."""
+    `layer_bits`: the residues stored per layer (k1 + k2 for λ = 2^-k1, β = 2^-k2);
+    `bf16_stream_bits`: the streams convert would choose for the same model in bf16 (`meft_fx.stream_width`, from
+    the reach it measured); None: this stack's."""
 
     stack: str
     layers: int
@@ -75,6 +78,7 @@ class StoredState:
     dtype: str
     dtype_bits: int
     fixed_point: bool = True
+    bf16_stream_bits: int | None = None
 
     @property
     def total_bits(self) -> int:
@@ -83,8 +87,10 @@ class StoredState:
 
     def total_bits_in(self, dtype_bits: int) -> int:
         """`total_bits` for the same model in a dtype of `dtype_bits` bits: fixed-point streams (int64, int32) keep
-        their width, float streams take the dtype's."""
+        their width (in bf16: the width convert would choose there, when known), float streams take the dtype's."""
         streams = self.stream_bits if self.fixed_point else dtype_bits
+        if self.fixed_point and dtype_bits == 16 and self.bf16_stream_bits:
+            streams = self.bf16_stream_bits
         return 2 * streams + self.layers * self.layer_bits
 
     def checkpointing_bits(self, dtype_bits: int | None = None) -> int:
@@ -101,13 +107,14 @@ class StoredState:
                 f"checkpointing's {self.layers} × {self.dtype_bits} = {ckpt} in {self.dtype}{bf16})")
 
 
-def stored_state(name: str, stack: ReversibleStack) -> StoredState:
-    """The `StoredState` of `stack` (its dtype: its first floating-point parameter's)."""
+def stored_state(name: str, stack: ReversibleStack, bf16_streams: int | None = None) -> StoredState:
+    """The `StoredState` of `stack` (its dtype: its first floating-point parameter's); `bf16_streams`: see
+    `StoredState.bf16_stream_bits`."""
     dtype = next((p.dtype for p in stack.parameters() if p.is_floating_point()), torch.float32)
     a = stack.arithmetic
     n = max(1, len(stack.couplings))
     return StoredState(name, len(stack.couplings), 8 * a.stream_itemsize(dtype), stack.stored_bits_per_element // n,
-                       str(dtype).replace("torch.", ""), 8 * dtype.itemsize, a.powers_of_two)
+                       str(dtype).replace("torch.", ""), 8 * dtype.itemsize, a.powers_of_two, bf16_streams)
 
 
 @dataclass
@@ -225,7 +232,7 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
     """
     rep = Explanation(method=getattr(getattr(module, "meft_config", None), "method", ""))
     i = 0
-    owners = {}
+    owners, choices = {}, {}
     stacks = []
     for name, m in module.named_modules():
         if hasattr(m, "meft_unmatched"):
@@ -239,6 +246,7 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
                 rep.starting_points[label] = m.starting_point
             if getattr(m, "stream_choice", None) is not None:
                 rep.streams[label] = m.stream_choice
+            choices[name] = getattr(m, "stream_choice", None)
         if not isinstance(m, ReversibleStack):
             continue
         holder = max((k for k in owners if name.startswith(k + ".") or k == ""), key=len, default=None)
@@ -260,7 +268,7 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
             i += 1
         stacks.append((name, m, infos))
         if m.reversible:
-            rep.stored.append(stored_state(name, m))
+            rep.stored.append(stored_state(name, m, bf16_stream_bits(choices.get(holder))))
     if not rep.couplings:
         raise ValueError(f"{type(module).__name__} has no reversible coupling; was it returned by meft_fx.convert?")
     rep.chunked = chunked_lines(module, stacks)

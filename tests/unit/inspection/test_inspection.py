@@ -1,4 +1,6 @@
 """meft_fx.explain / graphs / to_networkx / draw / debug_node, and the failure messages of convert."""
+import dataclasses
+
 import networkx as nx
 import pytest
 import torch
@@ -356,5 +358,8 @@ def test_explain_accounts_what_the_backward_keeps_beside_checkpointing(rev3):
     assert st.checkpointing_bits(16) == 16 * LAYERS
     text = str(rep)
     assert "kept for the backward" in text and f"{LAYERS} layers × {2 * k} = {st.total_bits} bits" in text
-    assert st.total_bits_in(16) == st.total_bits  # int64 streams keep their width in bf16
-    assert f"in bf16 {st.total_bits} against checkpointing's {16 * LAYERS}" in text
+    # in bf16 convert would choose int32 streams for this model (its hidden states are small): 2 × 32
+    bf16 = 64 + LAYERS * 2 * k
+    assert st.bf16_stream_bits == 32 and st.total_bits_in(16) == bf16
+    assert f"in bf16 {bf16} against checkpointing's {16 * LAYERS}" in text
+    assert dataclasses.replace(st, bf16_stream_bits=None).total_bits_in(16) == st.total_bits  # else: their width

@@ -454,4 +454,6 @@ def test_stream_bits_is_validated_with_its_frac_bits():
         MEFTConfig(stream_bits=16)
     with pytest.raises(ValueError, match="frac_bits"):
         MEFTConfig(stream_bits=32, frac_bits=32)
-    assert MEFTConfig().frac_bits == 32 and MEFTConfig(stream_bits=32).frac_bits == 16
+    assert MEFTConfig(stream_bits=64).frac_bits == 32 and MEFTConfig(stream_bits=32).frac_bits == 16
+    # default: chosen by convert (meft_fx.stream_width); stacks are built int64 with 32 until then
+    assert MEFTConfig().stream_bits is None and MEFTConfig().frac_bits is None and MEFTConfig().streams == (64, 32)
