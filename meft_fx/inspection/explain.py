@@ -221,6 +221,19 @@ def format_bytes(n) -> str:
     return f"{n:.1f} GiB"  # pragma: no cover
 
 
+def _add_converted(rep: Explanation, name: str, m: nn.Module) -> None:
+    """What a converted module says of itself: regions not rewritten, generation, streams, starting point."""
+    rep.unmatched.extend(u for u in m.meft_unmatched if u not in rep.unmatched)
+    label = getattr(m, 'owner', '') or name or type(m).__name__
+    line = generation_line(m)
+    if line:
+        rep.generation.append(f"{label}: {line}")
+    if getattr(m, "starting_point", None) is not None:
+        rep.starting_points[label] = m.starting_point
+    if getattr(m, "stream_choice", None) is not None:
+        rep.streams[label] = m.stream_choice
+
+
 def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
     """Describe the couplings in a module returned by `meft_fx.convert`.
 
@@ -236,17 +249,8 @@ def explain(module: nn.Module, estimate_memory: bool = True) -> Explanation:
     stacks = []
     for name, m in module.named_modules():
         if hasattr(m, "meft_unmatched"):
-            rep.unmatched.extend(u for u in m.meft_unmatched if u not in rep.unmatched)
-            owners[name] = getattr(m, "owner", "")
-            label = getattr(m, 'owner', '') or name or type(m).__name__
-            line = generation_line(m)
-            if line:
-                rep.generation.append(f"{label}: {line}")
-            if getattr(m, "starting_point", None) is not None:
-                rep.starting_points[label] = m.starting_point
-            if getattr(m, "stream_choice", None) is not None:
-                rep.streams[label] = m.stream_choice
-            choices[name] = getattr(m, "stream_choice", None)
+            _add_converted(rep, name, m)
+            owners[name], choices[name] = getattr(m, "owner", ""), getattr(m, "stream_choice", None)
         if not isinstance(m, ReversibleStack):
             continue
         holder = max((k for k in owners if name.startswith(k + ".") or k == ""), key=len, default=None)

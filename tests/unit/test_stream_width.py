@@ -30,7 +30,7 @@ def _stacks(model):
             for st in gm.modules() if isinstance(st, ReversibleStack)]
 
 
-@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 32), (torch.float32, 64)])
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 32), pytest.param(torch.float32, 64, marks=pytest.mark.slow)])
 def test_convert_chooses_and_says_so_and_saving_keeps_it(tmp_path, dtype, bits):
     arch = architectures.make("llama", dtype=dtype)
     rev = meft_fx.convert(arch.model, meft_fx.MEFTConfig(verbose=False))
@@ -44,6 +44,7 @@ def test_convert_chooses_and_says_so_and_saving_keeps_it(tmp_path, dtype, bits):
     assert [(s.stream_bits, s.frac_bits) for s in _stacks(again)] == [(s.stream_bits, s.frac_bits) for s in _stacks(rev)]
 
 
+@pytest.mark.slow
 def test_a_given_width_is_kept():
     arch = architectures.make("llama", dtype=torch.bfloat16)
     rev = meft_fx.convert(arch.model, meft_fx.MEFTConfig(verbose=False, stream_bits=64))

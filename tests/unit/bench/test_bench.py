@@ -195,6 +195,7 @@ def test_lora_dropout_is_a_setting_of_the_lora_baselines():
         BenchModel("bert", 32, 100, lora_dropout=1.0)
 
 
+@pytest.mark.slow  # 7 s: the fast set stays under 5 minutes
 def test_mixtral_bench_at_tiny_size_from_the_command_line():
     """`--arch mixtral --experts 4 --top-k 2`: a MoE decoder, its LoRA + checkpointing baseline and meft_fx side by
     side (at this size fixed costs decide the memory; the README's table is the comparison)."""

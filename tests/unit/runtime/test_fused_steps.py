@@ -133,6 +133,7 @@ def test_a_copy_looks_its_kernels_up_again(steps):
     assert twin.settings == steps.settings and not twin.kernels
 
 
+@pytest.mark.slow  # 15 s (inductor): the fast set stays under 5 minutes
 def test_a_compiled_stack_runs_the_fused_steps_with_the_same_gradients():
     """A stack whose couplings are compiled (backend "eager": F and G run eager's kernels) generates
     programs calling the fused steps, and trains to the same loss and gradients, bit for bit, as the same

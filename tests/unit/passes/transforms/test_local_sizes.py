@@ -66,7 +66,7 @@ def test_a_size_is_read_off_the_input_only_when_exactly_one_dimension_has_it():
     assert passes.local_sizes(shared) == [] and shared.code == code
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "mixtral"])  # Mixtral in float64: its batched experts
+@pytest.mark.parametrize("name", ["gpt2", "opt", pytest.param("mixtral", marks=pytest.mark.slow)])  # Mixtral in float64: its batched experts
 def test_chunked_halves_give_the_whole_halves_gradients_call_after_call(name):
     arch = make(name, dtype=torch.float64)
     whole_model = copy.deepcopy(arch.model)
