@@ -50,8 +50,9 @@ def test_the_backward_peak_is_one_tensor_lower():
     width = 256 * 1024 * 4
     peaks = {}
     for name, fn in (("eager", lambda a, b: F.silu(a) * b), ("lean", gated_act)):
-        out = fn(gate, up)
-        peaks[name] = measure_step_memory(lambda: torch.autograd.grad(out, [gate, up], grad)).peak_bytes
+        out = fn(gate, up)  # the most of 3 backwards: one of the full suite's (under load) peaked 0.9 MiB lower
+        peaks[name] = max(measure_step_memory(lambda: torch.autograd.grad(out, [gate, up], grad, retain_graph=True))
+                          .peak_bytes for _ in range(3))
         del out
     assert peaks["eager"] - peaks["lean"] >= width
 
