@@ -228,22 +228,58 @@ def start_table(ks):
 def default_table():
     """The README's table: SmolLM2's default conversion in fp32 and bf16, and the paper's couplings at its scale."""
     print("| conversion | k (bits per element per layer) | perplexity ÷ original | top-1 next token = original's | "
-          "\"What is the capital of France?\" |")
-    print("|---|---:|---:|---:|---|")
+          f"{len(QUESTIONS)} questions: answer = original's (common prefix) | \"What is the capital of France?\" |")
+    print("|---|---:|---:|---:|---:|---|")
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = pretrained.smollm2(dtype)
         _, measure = _smollm2_measure(model, tok)
+        same_answers = _answers_measure(model, tok)
         torch.manual_seed(0)
         conv = meft_fx.convert(model, MEFTConfig(verbose=False))
         cm = next(m for m in conv.modules() if isinstance(m, ConvertedModule))
         k, name = cm.starting_point.scale_bits, str(dtype).replace("torch.", "")
         print(f"| default, {name} | {k} ({cm.starting_point.stored_bits}) | {measure(conv).replace(' / ', ' | ')} | "
-              f"{_answer(model, tok)} → {_answer(conv, tok)} |", flush=True)
+              f"{same_answers(conv)} | {_answer(model, tok)} → {_answer(conv, tok)} |", flush=True)
         _set_couplings(cm, k, False)
         print(f"| the paper's couplings at the same scale, {name} | {k} | {measure(conv).replace(' / ', ' | ')} | "
-              f"{_answer(conv, tok)} |", flush=True)
-    print("\nSmolLM2-135M-Instruct, eval mode; perplexity on meft_fx/data/prose.txt; answers greedy with the KV cache "
-          "(original → converted).")
+              f"{same_answers(conv)} | {_answer(conv, tok)} |", flush=True)
+    print(f"\nSmolLM2-135M-Instruct, eval mode; perplexity on meft_fx/data/prose.txt; answers greedy with the KV cache: "
+          f"{len(QUESTIONS)} questions in one left-padded batch, {ANSWER_TOKENS} new tokens each (how many answers are "
+          f"the original's token for token, and the mean number of leading tokens in common), and the France question "
+          f"alone (original → converted).")
+
+
+#: Short chat questions, asked in one batch: how many greedy answers the conversion leaves unchanged.
+QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
+             "What is 7 times 8?", "Name the largest planet in the solar system.",
+             "What is the boiling point of water in Celsius?", "Translate 'good morning' into Spanish.",
+             "What colour is the sky on a clear day?", "Write a haiku about autumn.",
+             "Give me three tips for better sleep.", "What is photosynthesis?", "Who painted the Mona Lisa?",
+             "What is the chemical symbol for gold?", "How many continents are there?",
+             "Explain what a black hole is in one sentence.", "What language is spoken in Brazil?")
+ANSWER_TOKENS = 16
+
+
+def _answers_measure(model, tok):
+    """A function of a converted model: "same / asked (mean common prefix)" of its greedy answers to QUESTIONS
+    against `model`'s."""
+    side, tok.padding_side = tok.padding_side, "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in QUESTIONS]
+    batch = dict(tok(texts, return_tensors="pt", padding=True))
+    tok.padding_side = side
+
+    def answers(m):
+        with torch.no_grad():
+            out = m.eval().generate(**batch, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+        return out[:, batch["input_ids"].shape[1]:]
+    ref = answers(model)
+
+    def same(conv) -> str:
+        got = answers(conv)
+        prefix = (got == ref).int().cumprod(1).sum(1)
+        return f"{int((prefix == ANSWER_TOKENS).sum())}/{len(QUESTIONS)} ({prefix.float().mean().item():.1f})"
+    return same
 
 
 def _answer(model, tok) -> str:
@@ -255,7 +291,7 @@ def _answer(model, tok) -> str:
 def _set_couplings(cm, k: int, compensated: bool) -> None:
     """λ/β = 2^-k on the scaled streams of every coupling of `cm`, the scaled halves leak-compensated or not."""
     set_scale_bits(cm, k)
-    for st in (m for gm in cm.graph_modules for m in gm.modules() if isinstance(m, ReversibleStack)):
+    for st in cm.stacks:
         for c in st.couplings:
             c.compensate_f, c.compensate_g = compensated and c.lam != 1.0, compensated and c.beta != 1.0
 

@@ -174,12 +174,10 @@ _COMPILED_BODIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _body_compile_settings(body: nn.Module) -> dict:
     """The settings the body's stacks were compiled with (`meft_fx.compile`), else the stacks' defaults."""
-    from .runtime.stack import ReversibleStack, default_compile_settings
+    from .runtime.stack import default_compile_settings, stacks_in
 
-    for m in body.modules():
-        if isinstance(m, ReversibleStack) and m.compile_settings is not None:
-            return m.compile_settings
-    return default_compile_settings()
+    return next((m.compile_settings for m in stacks_in(body) if m.compile_settings is not None),
+                default_compile_settings())
 
 
 def _run_behind_graph_break(state: ChunkedLoss, model, forward, args, kwargs):

@@ -48,13 +48,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .runtime import ReversibleStack
+from .runtime import stacks_in
 
 __all__ = ["compile", "compile_couplings", "compiled_couplings", "compile_like"]
-
-
-def _stacks(model: nn.Module) -> list[ReversibleStack]:
-    return [m for m in model.modules() if isinstance(m, ReversibleStack)]
 
 
 def _options(backend, options, same_masks_as_eager: bool) -> dict | None:
@@ -74,7 +70,7 @@ def compile_couplings(model: nn.Module, *, backend="inductor", mode: str | None 
     an enclosing model is compiled (see the module docstring). Idempotent: a second call recompiles
     with the new settings.
     """
-    stacks = _stacks(model)
+    stacks = stacks_in(model)
     if not stacks:
         raise ValueError(f"{type(model).__name__} has no ReversibleStack: call meft_fx.convert first")
     opts = _options(backend, options, same_masks_as_eager)
@@ -85,15 +81,15 @@ def compile_couplings(model: nn.Module, *, backend="inductor", mode: str | None 
 
 def compile_like(new: nn.Module, reference: nn.Module) -> None:
     """Compile `new`'s stacks (a call structure captured later) like `reference`'s, if those are compiled."""
-    settings = next((s.compile_settings for s in _stacks(reference) if s.compile_settings is not None), None)
+    settings = next((s.compile_settings for s in stacks_in(reference) if s.compile_settings is not None), None)
     if settings is not None:
-        for stack in _stacks(new):
+        for stack in stacks_in(new):
             stack.compile_couplings(**settings)
 
 
 def compiled_couplings(model: nn.Module) -> bool:
     """True when every coupling's F and G of every stack in `model` is compiled."""
-    return all(s.compiled for s in _stacks(model))
+    return all(s.compiled for s in stacks_in(model))
 
 
 def compile(model: nn.Module, *, backend="inductor", mode: str | None = None, options: dict | None = None,

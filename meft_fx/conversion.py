@@ -23,7 +23,7 @@ from .errors import ConversionError
 from .nn.adapter import Adapter
 from .passes import run_pipeline
 from .progress import Progress
-from .runtime import ReversibleStack
+from .runtime import stacks_in
 from .runtime.sharded import gathered, is_unit
 from .runtime.units import half_class_names, share_halves
 
@@ -97,6 +97,12 @@ class ConvertedModule(nn.Module):
         """The rewritten GraphModule of every captured call structure, the first (main) one first."""
         main = self.graph_module
         return [main] + [g for gms in self._variants.values() for g in gms if g is not main]
+
+    @property
+    def stacks(self) -> list:
+        """Every `ReversibleStack` of every captured call structure, the main graph's first (what λ/β, the stream
+        width and other runtime settings of a conversion are applied to)."""
+        return [st for gm in self.graph_modules for st in stacks_in(gm)]
 
     @property
     def original(self) -> nn.Module:
@@ -192,8 +198,7 @@ def _warn_sharded_elsewhere(conv: ConvertedModule) -> None:
     """FSDP2 made the halves units without `meft_fx.shard` (Accelerate's or the Trainer's auto wrap): it works, but the
     original module and the other captured graphs still hold every frozen weight whole on each rank."""
     if "_first_half" not in conv.__dict__:
-        conv.__dict__["_first_half"] = next((c.F for m in conv.graph_module.modules() if isinstance(m, ReversibleStack)
-                                             for c in m.couplings), None)
+        conv.__dict__["_first_half"] = next((c.F for m in stacks_in(conv.graph_module) for c in m.couplings), None)
     first = conv.__dict__["_first_half"]
     if first is not None and is_unit(first) and not conv.__dict__.get("_warned_sharded"):
         conv.__dict__["_warned_sharded"] = True
@@ -403,7 +408,7 @@ def _check_model(model) -> None:
     """TypeError / ConversionError for what convert cannot take: not a module, converted, a PEFT model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    stacks = sum(isinstance(m, ReversibleStack) for m in model.modules())
+    stacks = len(stacks_in(model))
     if stacks or hasattr(model, "meft_config"):
         raise ConversionError(f"{type(model).__name__} is already converted by meft_fx ({stacks} reversible stack(s)); "
                               f"convert the original model, or load saved adapters into a fresh conversion with "
@@ -485,7 +490,7 @@ def convert(model: nn.Module, config: MEFTConfig | None = None, *, example_input
     n_train, n_all = trainable_parameters(out)
     head = getattr(out, "get_output_embeddings", lambda: None)()
     frozen_head = isinstance(head, nn.Module) and not any(p.requires_grad for p in head.parameters())
-    progress(f"done: {sum(isinstance(m, ReversibleStack) for m in out.modules())} reversible stack(s); "
+    progress(f"done: {len(stacks_in(out))} reversible stack(s); "
              f"{n_train:,} of {n_all:,} parameters trainable ({100 * n_train / max(n_all, 1):.2f}%)"
              + ("; the LM head stays frozen (MEFTConfig(modules_to_save=('lm_head',)) trains it)" if frozen_head else ""))
     return out

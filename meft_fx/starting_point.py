@@ -33,7 +33,7 @@ from torch import nn
 
 from .capture import module_mode
 from .config import SCALE_BITS_SEARCH, MEFTConfig
-from .runtime import ReversibleStack
+from .runtime import stacks_in
 from .stream_width import choose_streams, measured_reach
 
 __all__ = ["StartingPoint", "StartWarning", "sample_probe", "choose_scale", "measure", "set_scale_bits",
@@ -175,19 +175,17 @@ def measure(model: nn.Module, conv: nn.Module, call, reference: torch.Tensor):
 def set_scale_bits(conv: nn.Module, k: int) -> None:
     """Every coupling of `conv` (all its captured call structures) scales its scaled streams by 2^-k, and later
     captures do too (its config's `scale_bits`)."""
-    for gm in conv.graph_modules:
-        for stack in gm.modules():
-            if isinstance(stack, ReversibleStack):
-                for c in stack.couplings:
-                    c.lam = 2.0 ** -k if c.lam != 1.0 else 1.0
-                    c.beta = 2.0 ** -k if c.beta != 1.0 else 1.0
+    for stack in conv.stacks:
+        for c in stack.couplings:
+            c.lam = 2.0 ** -k if c.lam != 1.0 else 1.0
+            c.beta = 2.0 ** -k if c.beta != 1.0 else 1.0
     conv.config = dataclasses.replace(conv.config, scale_bits=k, lam=None, beta=None)
 
 
 def _stored_bits(conv: nn.Module) -> int | None:
     """Bits per element per layer the exact arithmetic stores in `conv`'s stack (the most of any coupling)."""
-    for stack in conv.graph_module.modules():
-        if isinstance(stack, ReversibleStack) and stack.arithmetic.powers_of_two:
+    for stack in stacks_in(conv.graph_module):
+        if stack.arithmetic.powers_of_two:
             a = stack.arithmetic
             return max((a.residue_bits(c.lam) + a.residue_bits(c.beta) for c in stack.couplings), default=0)
     return None
@@ -265,11 +263,9 @@ def _search(model, conv, call, reference, config: MEFTConfig, probe_name: str, p
 def _use_scales_of(conv, config: MEFTConfig) -> None:
     """`conv`'s couplings at `config`'s λ/β (after `set_scale_bits` measured the floor), and `config` again."""
     lam, beta, _ = config.scales
-    for gm in conv.graph_modules:
-        for stack in gm.modules():
-            if isinstance(stack, ReversibleStack):
-                for c in stack.couplings:
-                    c.lam, c.beta = (lam if c.lam != 1.0 else 1.0), (beta if c.beta != 1.0 else 1.0)
+    for stack in conv.stacks:
+        for c in stack.couplings:
+            c.lam, c.beta = (lam if c.lam != 1.0 else 1.0), (beta if c.beta != 1.0 else 1.0)
     conv.config = config
 
 

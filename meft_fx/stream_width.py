@@ -26,7 +26,7 @@ from torch import nn
 
 from .capture import module_mode
 from .config import INT32_FRAC_BITS
-from .runtime import ReversibleStack
+from .runtime import stacks_in
 from .runtime.fixed_point import DEFAULT_FRAC_BITS
 
 __all__ = ["StreamChoice", "choose_streams", "bf16_stream_bits", "HEADROOM", "MIN_INT32_FRAC_BITS", "NARROW_DTYPES"]
@@ -54,10 +54,8 @@ def choose_streams(conv: nn.Module, reach: float | None, dtype: torch.dtype) -> 
     config gives them); applied to every stack of `conv` (all its captured call structures) and to its config, so
     later captures and saved adapters keep it."""
     choice = _choice(reach, dtype, conv.config.frac_bits)
-    for gm in conv.graph_modules:
-        for stack in gm.modules():
-            if isinstance(stack, ReversibleStack):
-                stack.set_streams(choice.bits, choice.frac_bits)
+    for stack in conv.stacks:
+        stack.set_streams(choice.bits, choice.frac_bits)
     conv.config = dataclasses.replace(conv.config, stream_bits=choice.bits, frac_bits=choice.frac_bits)
     conv.stream_choice = choice
     return choice
@@ -90,7 +88,7 @@ def reach_hooks(conv: nn.Module) -> tuple[list, list]:
     """(hook handles, a one-element list holding the running max |x|) over the inputs and outputs of the layers of
     `conv.original` that its stacks replaced; remove the handles after one forward of the original."""
     found = [0.0]
-    paths = {c.record.layer for m in conv.graph_module.modules() if isinstance(m, ReversibleStack) for c in m.couplings}
+    paths = {c.record.layer for m in stacks_in(conv.graph_module) for c in m.couplings}
 
     def seen(t) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():

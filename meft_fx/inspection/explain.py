@@ -30,6 +30,7 @@ from ..capture import module_mode
 from ..chunked_loss import STATE
 from ..nn.adapter import Adapter
 from ..nn.head_loss import ChunkedHeadLoss
+from ..nn.sliced_ffn import sliced_gated_ffn
 from ..passes.fx.dataflow import node_value
 from ..runtime import ReversibleStack
 from ..stream_width import bf16_stream_bits
@@ -314,7 +315,18 @@ def chunked_lines(module: nn.Module, stacks) -> list:
         if sliced:
             lines.append(f"{name}: the gated FFN of {sliced} of them in slices of its intermediate width (same budget), "
                          "back-propagated while the backward recomputes it (sliced_ffn); compiled: in token chunks")
+        whole = sum(_slices_ffn(getattr(c, h)) for c in stack.couplings for h in ("F", "G") if h not in c.chunks)
+        if whole:
+            lines.append(f"{name}: the gated FFN inside {whole} whole-layer {'half' if whole == 1 else 'halves'} (not "
+                         "position-wise: run whole) in slices of its intermediate width, back-propagated while the "
+                         "backward recomputes it (sliced_ffn); compiled: the plain ops")
     return lines
+
+
+def _slices_ffn(half: nn.Module) -> bool:
+    """Does `half`'s graph run a gated FFN in slices (`sliced_gated_ffn`)?"""
+    graph = getattr(half, "graph", None)
+    return graph is not None and any(n.target is sliced_gated_ffn for n in graph.nodes)
 
 
 def generation_line(conv: nn.Module) -> str:

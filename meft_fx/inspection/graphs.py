@@ -20,7 +20,7 @@ from torch import nn
 
 from ..conversion import ConvertedModule
 from ..passes.fx.dataflow import tensor_dtype
-from ..runtime import ReversibleStack
+from ..runtime import ReversibleStack, stacks_in
 from ..runtime.codegen import PROGRAMS, PROVENANCE_KEY, label_program
 
 __all__ = ["graphs", "show", "format_program", "find_graph", "converted_modules", "stack_calls", "stack_call",
@@ -50,7 +50,7 @@ def stack_call(model: nn.Module, inputs: dict):
     """(stack, x, context): the first `ReversibleStack` that `model(**inputs)` runs and the stream
     input and context tensors it is called with, from one eval-mode, no-grad forward (the model is
     left in eval mode). For running or inverting a stack's couplings by hand."""
-    st = next((m for m in model.modules() if isinstance(m, ReversibleStack)), None)
+    st = next(iter(stacks_in(model)), None)
     if st is None:
         raise ValueError(f"{type(model).__name__} has no ReversibleStack: call meft_fx.convert first")
     seen = {}

@@ -17,7 +17,8 @@ Nothing here imports the passes, the conversion or inspection.
 from .arithmetic import ARITHMETICS, FixedPointStreams, FloatStreams, StreamArithmetic, make_arithmetic
 from .coupling import Coupling, CouplingRecord
 from .function import ReversibleFunction
-from .stack import ReversibleStack, StackRecord
+from .stack import ReversibleStack, StackRecord, stacks_in
 
 __all__ = ["ARITHMETICS", "FixedPointStreams", "FloatStreams", "StreamArithmetic", "make_arithmetic", "Coupling",
-           "CouplingRecord", "ReversibleFunction", "ReversibleStack", "StackRecord"]
+           "CouplingRecord", "ReversibleFunction", "ReversibleStack", "StackRecord",
+           "stacks_in"]

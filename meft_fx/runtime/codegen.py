@@ -145,7 +145,7 @@ def _stream_inputs(e: _Emitter, a: str, b: str, state=None, start: int = 0):
 
 
 def _inverse(e: _Emitter) -> None:
-    c, g = e.c, e.g
+    g = e.g
     y1, y2 = _stream_inputs(e, "y1", "y2")
     r1, r2 = e.inputs("r1", "r2")
     e.context()

@@ -30,7 +30,7 @@ from .function import ReversibleFunction
 from .fused_steps import FusedSteps
 from .sharded import GRAD_TRIGGER, split_trainable
 
-__all__ = ["ReversibleStack", "StackRecord"]
+__all__ = ["ReversibleStack", "StackRecord", "stacks_in"]
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,11 @@ ZERO_TOKENS_WARNING = (
     "them as rounding noise around zero, and a ReLU's kink or a LayerNorm of a near-zero vector turns that noise into "
     "wrong gradients (relative error 1e2-1e4 measured on a tiny BEiT with MEFT2). numerics='exact' (the default) "
     "rebuilds them bit for bit")
+
+
+def stacks_in(module: nn.Module) -> list[ReversibleStack]:
+    """Every `ReversibleStack` inside `module` (itself included), in `module.modules()` order."""
+    return [m for m in module.modules() if isinstance(m, ReversibleStack)]
 
 
 def default_compile_settings() -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .stack import ReversibleStack
+from .stack import stacks_in
 
 __all__ = ["halves", "shared_halves", "half_class_names", "share_halves", "ThroughUnit"]
 
@@ -16,11 +16,10 @@ __all__ = ["halves", "shared_halves", "half_class_names", "share_halves", "Throu
 def halves(model: nn.Module) -> list[nn.Module]:
     """Every coupling's F and G in `model`'s reversible stacks, each module once, bottom to top."""
     found = {}
-    for m in model.modules():
-        if isinstance(m, ReversibleStack):
-            for c in m.couplings:
-                found.setdefault(id(c.F), c.F)
-                found.setdefault(id(c.G), c.G)
+    for m in stacks_in(model):
+        for c in m.couplings:
+            found.setdefault(id(c.F), c.F)
+            found.setdefault(id(c.G), c.G)
     return list(found.values())
 
 
@@ -46,7 +45,7 @@ def share_halves(main: nn.Module, variant: nn.Module) -> None:
     FSDP2 units: both read the same parameters, but only a unit gathers them and reduces their gradients. A half
     with the same code is replaced by main's; one captured otherwise (sizes specialised, other context) runs
     inside a call of main's unit (`ThroughUnit`)."""
-    for ms, vs in zip(_stacks(main), _stacks(variant)):
+    for ms, vs in zip(stacks_in(main), stacks_in(variant)):
         for mc, vc in zip(ms.couplings, vs.couplings):
             for name in ("F", "G"):
                 m, v = getattr(mc, name), getattr(vc, name)
@@ -73,10 +72,6 @@ class ThroughUnit(nn.Module):
             return unit(*args)
         finally:
             del unit.__dict__["forward"]
-
-
-def _stacks(gm: nn.Module) -> list:
-    return [m for m in gm.modules() if isinstance(m, ReversibleStack)]
 
 
 def _same_half(a: nn.Module, b: nn.Module) -> bool:

@@ -113,11 +113,15 @@ class _StackCutter:
 
     def chunk_plan(self, module, role: str, context) -> ChunkPlan | None:
         """A ChunkPlan for a position-wise half (the FFN) whose context, if any, is the same for every token (every
-        chunk gets it whole); None otherwise. A reversible half's gated FFN runs in slices of its width
+        chunk gets it whole); None otherwise (a whole layer, MEFT1/2's F or G, holds the attention: it runs whole,
+        its gated FFN in slices). A reversible half's gated FFN runs in slices of its width
         (`sliced_ffn`, slices within budget / SLICE_SHARE): the token chunks are then sized by the other parameters, except when the half is compiled
         (`compiled_width`: the plain ops run there). Otherwise the width is the widest activation: a weight's,
         or more per token (Mixtral's top-k experts), with at least MIN_EXPERT_ROWS rows per expert."""
         budget = self.config.recompute_chunk_bytes
+        if role == "layer" and budget and self.config.reversible and isinstance(module, fx.GraphModule):
+            sliced_ffn(module, budget // SLICE_SHARE)  # SmolLM2 MEFT1, 1024 tokens: one step 72.9 → 51.9 MiB
+            return None
         if role != "ffn" or not budget or not isinstance(module, fx.GraphModule) \
                 or not all(map(self.same_for_every_token, context)):
             return None

@@ -6,9 +6,8 @@ import torch
 
 import meft_fx
 from grads import assert_same_grads, convert_pair, grads_of
+from stacks import every_stack
 from meft_fx import MEFTConfig, pretrained
-from meft_fx.conversion import ConvertedModule
-from meft_fx.runtime import ReversibleStack
 from meft_fx.starting_point import StartWarning
 
 pytestmark = pytest.mark.slow
@@ -38,11 +37,6 @@ def answer(model, tok):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def stacks(model):
-    return [st for conv in model.modules() if isinstance(conv, ConvertedModule) for gm in conv.graph_modules
-            for st in gm.modules() if isinstance(st, ReversibleStack)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, original_fp32, dtype):
     model, ppl, top1 = original_fp32 if dtype == torch.float32 else (pretrained.smollm2(dtype)[0], None, None)
@@ -61,10 +55,10 @@ def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, 
     assert f"2^-{k} (measured), {2 * k} bits stored per element per layer" in text
     # bf16: int32 streams, 14 fractional bits from the measured reach (|x| ≈ 24448, 4× headroom); fp32: int64
     bits = 32 if dtype == torch.bfloat16 else 64
-    assert all(st.stream_bits == bits for st in stacks(rev)) and rev.meft_config.stream_bits == bits
+    assert all(st.stream_bits == bits for st in every_stack(rev)) and rev.meft_config.stream_bits == bits
     assert f"int{bits} with {14 if bits == 32 else 32} fractional bits" in text
     # the paper's couplings at the same scale: the leak of whole streams takes the model far from its start
-    for st in stacks(rev):
+    for st in every_stack(rev):
         for c in st.couplings:
             c.compensate_f = c.compensate_g = False
     assert pretrained.next_token_stats(rev, prose)[0] > 1.2 * ppl  # 1.36x here (k = 6)

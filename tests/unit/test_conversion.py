@@ -9,6 +9,7 @@ import meft_fx
 from untraceable import Untraceable
 from grads import assert_same_grads, convert_pair, grads_of, loss_of, ran_reversible, reference_twin
 from architectures import ARCHITECTURES, make
+from stacks import every_stack
 from meft_fx import ConversionError, MEFTConfig
 from meft_fx.conversion import ConvertedModule
 from meft_fx.runtime import ReversibleStack
@@ -199,6 +200,9 @@ def test_size_one_examples_serve_every_later_size(example_shape):
         with torch.no_grad():
             assert rev(**inputs).logits.shape == (*shape, 100), shape
     assert conv.variants <= 3  # the example's fixed sizes, then one dynamic capture (and a maskless one)
+    # the stacks convert's settings (λ/β, stream width) are applied to: one per captured call structure, main first
+    assert conv.stacks == every_stack(rev) and len(conv.stacks) == len(conv.graph_modules) > 1
+    assert conv.stacks[0] in list(conv.graph_module.modules())
     out = rev(**arch.make_inputs(2, 6))
     out.loss.backward()
     assert all(p.grad is not None for p in rev.parameters() if p.requires_grad)

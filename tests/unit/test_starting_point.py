@@ -7,10 +7,10 @@ import torch
 
 import meft_fx
 from architectures import make, tiny_decoder
+from stacks import every_stack
 from meft_fx import MEFTConfig
 from meft_fx import starting_point as sp
 from meft_fx.conversion import ConvertedModule
-from meft_fx.runtime import ReversibleStack
 
 
 def converted_modules(model):
@@ -18,8 +18,7 @@ def converted_modules(model):
 
 
 def couplings(model):
-    return [c for conv in converted_modules(model) for gm in conv.graph_modules for st in gm.modules()
-            if isinstance(st, ReversibleStack) for c in st.couplings]
+    return [c for st in every_stack(model) for c in st.couplings]
 
 
 def test_a_causal_lm_is_measured_on_text_it_samples_itself_and_the_chosen_scale_is_used_everywhere():

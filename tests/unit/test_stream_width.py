@@ -3,9 +3,8 @@ import pytest
 import torch
 
 import architectures
+from stacks import every_stack
 import meft_fx
-from meft_fx.conversion import ConvertedModule
-from meft_fx.runtime import ReversibleStack
 from meft_fx.stream_width import HEADROOM, _choice
 
 
@@ -25,27 +24,22 @@ def test_the_choice(reach, dtype, given, want):
         assert HEADROOM * reach < 2.0 ** (31 - c.frac_bits)
 
 
-def _stacks(model):
-    return [st for conv in model.modules() if isinstance(conv, ConvertedModule) for gm in conv.graph_modules
-            for st in gm.modules() if isinstance(st, ReversibleStack)]
-
-
 @pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 32), pytest.param(torch.float32, 64, marks=pytest.mark.slow)])
 def test_convert_chooses_and_says_so_and_saving_keeps_it(tmp_path, dtype, bits):
     arch = architectures.make("llama", dtype=dtype)
     rev = meft_fx.convert(arch.model, meft_fx.MEFTConfig(verbose=False))
-    assert all(st.stream_bits == bits for st in _stacks(rev)) and rev.meft_config.stream_bits == bits
+    assert all(st.stream_bits == bits for st in every_stack(rev)) and rev.meft_config.stream_bits == bits
     report = meft_fx.explain(rev, False)
     assert f"int{bits} with {rev.meft_config.frac_bits} fractional bits" in str(report)
     st = report.stored[0]  # in bf16 the same model's streams would be int32 (its reach is small): so accounted
     assert st.stream_bits == bits and st.total_bits_in(16) == 2 * 32 + st.layers * st.layer_bits
     meft_fx.save_adapters(rev, tmp_path)
     again = meft_fx.from_pretrained(architectures.make("llama", dtype=dtype).model, tmp_path, verbose=False)
-    assert [(s.stream_bits, s.frac_bits) for s in _stacks(again)] == [(s.stream_bits, s.frac_bits) for s in _stacks(rev)]
+    assert [(s.stream_bits, s.frac_bits) for s in every_stack(again)] == [(s.stream_bits, s.frac_bits) for s in every_stack(rev)]
 
 
 @pytest.mark.slow
 def test_a_given_width_is_kept():
     arch = architectures.make("llama", dtype=torch.bfloat16)
     rev = meft_fx.convert(arch.model, meft_fx.MEFTConfig(verbose=False, stream_bits=64))
-    assert all(st.stream_bits == 64 for st in _stacks(rev)) and "exact streams" not in str(meft_fx.explain(rev, False))
+    assert all(st.stream_bits == 64 for st in every_stack(rev)) and "exact streams" not in str(meft_fx.explain(rev, False))

@@ -82,7 +82,8 @@ def test_an_ffn_reading_a_per_feature_context_runs_in_chunks():
     from tests.support.architectures import _token_inputs, tiny_decoder
 
     inputs = _token_inputs(3, 2, 9, vocab=128)
-    config = dict(recompute_chunk_bytes=4 * 8 * 32, chunk_loss=False)  # 4 fp64 tokens of the hidden width per chunk
+    # MEFT3's FFN half; 4 fp64 tokens of the hidden width per chunk
+    config = dict(recompute_chunk_bytes=4 * 8 * 32, chunk_loss=False, method="meft3")
     ref = meft_fx.convert(tiny_decoder("Gemma", head_dim=8), meft_fx.MEFTConfig(reversible=False, **config)).train()
     rev = meft_fx.convert(tiny_decoder("Gemma", head_dim=8), meft_fx.MEFTConfig(**config)).train()
     stack = next(m for m in rev.modules() if isinstance(m, ReversibleStack))

@@ -70,8 +70,8 @@ def test_a_size_is_read_off_the_input_only_when_exactly_one_dimension_has_it():
 def test_chunked_halves_give_the_whole_halves_gradients_call_after_call(name):
     arch = make(name, dtype=torch.float64)
     whole_model = copy.deepcopy(arch.model)
-    chunked, _ = convert_pair(arch.model, None, recompute_chunk_bytes=4 * 8 * 64, chunk_loss=False)
-    whole, _ = convert_pair(whole_model, None, recompute_chunk_bytes=0, chunk_loss=False)
+    chunked, _ = convert_pair(arch.model, "meft3", recompute_chunk_bytes=4 * 8 * 64, chunk_loss=False)
+    whole, _ = convert_pair(whole_model, "meft3", recompute_chunk_bytes=0, chunk_loss=False)
     assert all("G" in c.chunks for m in chunked.modules() if isinstance(m, ReversibleStack) for c in m.couplings)
     chunked.eval(), whole.eval()  # no dropout: chunks draw their masks chunk by chunk
     for batch, seq in ((3, 9), (1, 2), (2, 13)):  # padded, batch 1 (sequence 2: one next-token target), another length

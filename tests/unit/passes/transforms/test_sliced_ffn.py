@@ -73,23 +73,24 @@ def _grads(model, inputs):
     return loss, dict(zip([n for n, _ in params], torch.autograd.grad(loss, [p for _, p in params])))
 
 
-def _converted(family, budget, **extra):
+def _converted(family, budget, method="meft3", **extra):
     """(converted, its reversible=False twin, the stack) of a tiny decoder, chunk_loss off."""
-    config = dict(recompute_chunk_bytes=budget, chunk_loss=False)
+    config = dict(recompute_chunk_bytes=budget, chunk_loss=False, method=method)
     ref = meft_fx.convert(tiny_decoder(family, **extra), meft_fx.MEFTConfig(reversible=False, **config)).train()
     rev = meft_fx.convert(tiny_decoder(family, **extra), meft_fx.MEFTConfig(**config)).train()
     return rev, ref, next(m for m in rev.modules() if isinstance(m, ReversibleStack))
 
 
-def _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch):
+def _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch, skipped=0):
     """One pass over the slices per coupling — each recompute back-propagated as it ran (a recompute in the
-    FFN's own backward, had the cotangent not been its output's, would add one more) — and the twin's grads."""
+    FFN's own backward, had the cotangent not been its output's, would add one more) — and the twin's grads.
+    `skipped`: couplings whose FFN needs no backward at all (it only runs: none of its inputs needs a gradient)."""
     inputs = _token_inputs(3, 2, 9, vocab=128)
     passes_over_slices = []
     real = sliced._forward_and_vjp
     monkeypatch.setattr(sliced, "_forward_and_vjp", lambda *a: passes_over_slices.append(1) or real(*a))
     loss, grads = _grads(rev, inputs)
-    assert len(passes_over_slices) == len(stack.couplings)
+    assert len(passes_over_slices) == len(stack.couplings) - skipped
     ref_loss, ref_grads = _grads(ref, inputs)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     assert grads.keys() == ref_grads.keys()
@@ -170,3 +171,18 @@ def test_a_converted_granite_back_propagates_its_scaled_ffns_as_it_recomputes(mo
         (call,) = [n for n in c.G.graph.nodes if n.target is sliced_gated_ffn]
         assert call.args[-1] == 0.22
     _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch)  # the scaled cotangent was the FFN's own
+
+
+@pytest.mark.parametrize("method, half", [("meft1", "F"), ("meft2", "G")])
+def test_a_whole_layer_half_slices_its_ffn_and_keeps_its_gradients(monkeypatch, method, half):
+    """MEFT1/2: the whole layer is one half, not position-wise (it holds the attention), so it runs whole; its gated
+    FFN still runs in slices, back-propagated as the backward recomputes it (the FFN's output reaches the layer's
+    output by additions). Without it the FFN's activations of every token stay alive with the attention's."""
+    rev, ref, stack = _converted("Llama", 2 * 9 * 8 * 32, method=method)
+    for c in stack.couplings:
+        assert half not in c.chunks  # runs whole
+        assert sum(n.target is sliced_gated_ffn for n in getattr(c, half).graph.nodes) == 1
+    assert f"the gated FFN inside {len(stack.couplings)} whole-layer halves" in str(meft_fx.explain(rev))
+    # MEFT1's bottom F: nothing below the stack wants a gradient and no trainable parameter sits under its FFN
+    # (the adapter is parallel to it), so its FFN only runs in the backward's recompute, sliced, without a VJP
+    _assert_one_pass_and_same_grads(rev, ref, stack, monkeypatch, skipped=1 if method == "meft1" else 0)
