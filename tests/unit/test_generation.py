@@ -59,12 +59,14 @@ def _assert_same(cached, uncached):
     assert float((log_c - log_u).abs().max() / log_u.abs().max()) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
-                                  pytest.param("qwen2", marks=pytest.mark.slow)])
-def test_cached_generation_gives_the_uncached_tokens(name):
+@pytest.mark.parametrize("name, method", [("llama", "auto"), pytest.param("gpt2", "auto", marks=pytest.mark.slow),
+                                          pytest.param("qwen2", "auto", marks=pytest.mark.slow),
+                                          pytest.param("llama", "meft1", marks=pytest.mark.slow)])
+def test_cached_generation_gives_the_uncached_tokens(name, method):
     """Default generate() uses the cache (the captured graph is not called again: no new variant);
-    the tokens are the uncached converted model's, logits within 1e-4; batch 1, then 4 left-padded."""
-    rev = meft_fx.convert(_decoder(name)).eval()
+    the tokens are the uncached converted model's, logits within 1e-4; batch 1, then 4 left-padded.
+    MEFT1: the cached attention sits inside a whole-layer F, beside its FFN run in slices."""
+    rev = meft_fx.convert(_decoder(name), meft_fx.MEFTConfig(method=method)).eval()
     conv = _owner(rev)
     assert rev.generation_config.use_cache is True and conv.cache_plan.check_error <= 1e-4
     assert "generate() with a KV cache: 2 layers" in str(meft_fx.explain(rev, estimate_memory=False))
