@@ -228,7 +228,7 @@ def start_table(ks):
 def default_table():
     """The README's table: SmolLM2's default conversion in fp32 and bf16, and the paper's couplings at its scale."""
     print("| conversion | k (bits per element per layer) | perplexity ÷ original | top-1 next token = original's | "
-          f"{len(QUESTIONS)} questions: answer = original's (common prefix) | \"What is the capital of France?\" |")
+          f"{len(pretrained.QUESTIONS)} questions: answer = original's (common prefix) | \"What is the capital of France?\" |")
     print("|---|---:|---:|---:|---:|---|")
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = pretrained.smollm2(dtype)
@@ -244,41 +244,19 @@ def default_table():
         print(f"| the paper's couplings at the same scale, {name} | {k} | {measure(conv).replace(' / ', ' | ')} | "
               f"{same_answers(conv)} | {_answer(conv, tok)} |", flush=True)
     print(f"\nSmolLM2-135M-Instruct, eval mode; perplexity on meft_fx/data/prose.txt; answers greedy with the KV cache: "
-          f"{len(QUESTIONS)} questions in one left-padded batch, {ANSWER_TOKENS} new tokens each (how many answers are "
+          f"{len(pretrained.QUESTIONS)} questions in one left-padded batch, {pretrained.ANSWER_TOKENS} new tokens each (how many answers are "
           f"the original's token for token, and the mean number of leading tokens in common), and the France question "
           f"alone (original → converted).")
 
 
-#: Short chat questions, asked in one batch: how many greedy answers the conversion leaves unchanged.
-QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
-             "What is 7 times 8?", "Name the largest planet in the solar system.",
-             "What is the boiling point of water in Celsius?", "Translate 'good morning' into Spanish.",
-             "What colour is the sky on a clear day?", "Write a haiku about autumn.",
-             "Give me three tips for better sleep.", "What is photosynthesis?", "Who painted the Mona Lisa?",
-             "What is the chemical symbol for gold?", "How many continents are there?",
-             "Explain what a black hole is in one sentence.", "What language is spoken in Brazil?")
-ANSWER_TOKENS = 16
-
-
 def _answers_measure(model, tok):
-    """A function of a converted model: "same / asked (mean common prefix)" of its greedy answers to QUESTIONS
-    against `model`'s."""
-    side, tok.padding_side = tok.padding_side, "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-             for q in QUESTIONS]
-    batch = dict(tok(texts, return_tensors="pt", padding=True))
-    tok.padding_side = side
-
-    def answers(m):
-        with torch.no_grad():
-            out = m.eval().generate(**batch, max_new_tokens=ANSWER_TOKENS, do_sample=False)
-        return out[:, batch["input_ids"].shape[1]:]
-    ref = answers(model)
+    """A function of a converted model: "same / asked (mean common prefix)" of its greedy answers to
+    `pretrained.QUESTIONS` against `model`'s."""
+    ref = pretrained.answers(model, tok)
 
     def same(conv) -> str:
-        got = answers(conv)
-        prefix = (got == ref).int().cumprod(1).sum(1)
-        return f"{int((prefix == ANSWER_TOKENS).sum())}/{len(QUESTIONS)} ({prefix.float().mean().item():.1f})"
+        n, prefix = pretrained.same_answers(pretrained.answers(conv, tok), ref)
+        return f"{n}/{len(pretrained.QUESTIONS)} ({prefix:.1f})"
     return same
 
 

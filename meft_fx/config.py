@@ -49,9 +49,14 @@ METHODS = {
     "meft3": MethodSpec(F="attention", G="ffn", lam=0.1, beta=0.1, swap=False, attention_adapter=True,
                         pretrained="G"),
 }
-#: method="auto" (the default): MEFT3, or AUTO_PARALLEL for a model with parallel-residual layers.
+#: method="auto" (the default), chosen per model by `auto_method`: AUTO_PARALLEL for parallel-residual layers,
+#: AUTO_PRE_NORM for pre-norm layers under exact numerics, else MEFT3. MEFT1 scales one stream, so it stores k bits
+#: per element per layer where MEFT3 stores 2k: on SmolLM2-135M (pre-norm, 30 layers) k = 5, 214 bits per element in
+#: bf16 with int32 streams (0.45x of checkpointing's 480) against MEFT3's k = 6, 424 bits (0.88x), perplexity
+#: x1.017 against x1.010 (docs/real_decoder.md).
 AUTO = "auto"
 AUTO_PARALLEL = "meft1"
+AUTO_PRE_NORM = "meft1"
 NUMERICS = tuple(ARITHMETICS)
 CAPTURES = ("auto", "export", "fx")
 OUTPUTS = ("pretrained", "mean")
@@ -99,6 +104,37 @@ def _choice(name: str, value, allowed) -> None:
         raise ValueError(f"MEFTConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What method="auto" looks at in a model's layers (`meft_fx.passes.layer_shape` measures it).
+
+    `parallel`: module names of parallel-residual layers (x + attn(x) + ffn(x)); `pre_norm`: every residual
+    sub-block leaves its add as it is (no norm after it); `routed_experts`: the FFNs route tokens to experts;
+    `gated_ffn`: every layer's FFN is a gated one (`gated_activation` fused it), which runs in slices of its
+    intermediate width inside a whole-layer half (`sliced_ffn`).
+    """
+
+    parallel: tuple = ()
+    pre_norm: bool = False
+    routed_experts: bool = False
+    gated_ffn: bool = False
+
+
+def auto_method(shape: LayerShape, numerics: str = "exact") -> tuple[str, str]:
+    """(method, why) that method="auto" uses for layers of this shape."""
+    if shape.parallel:
+        return AUTO_PARALLEL, ("parallel-residual layers (x + attn(x) + ffn(x)) have no separate attention and "
+                               "FFN sub-blocks for MEFT3, so the whole layer is F")
+    if shape.pre_norm and shape.gated_ffn and not shape.routed_experts and numerics == "exact":
+        return AUTO_PRE_NORM, ("pre-norm layers with gated FFNs under exact numerics: MEFT1 scales one stream, so it "
+                               "stores k bits per element per layer where MEFT3 stores 2k, and its whole-layer F "
+                               "runs the FFN in slices (MEFTConfig(method='meft3') for MEFT3)")
+    why = ("post-norm layers" if not shape.pre_norm else "float numerics" if numerics != "exact"
+           else "routed experts (MEFT3's FFN half runs them in chunks of tokens)" if shape.routed_experts
+           else "FFNs without a gate (a whole-layer half would recompute every token's FFN activations at once)")
+    return "meft3", f"{why}: MEFT3 (attention and FFN sub-blocks as F and G, adapters on both)"
+
+
 @dataclass
 class MEFTConfig:
     """How `meft_fx.convert` rewrites a model.
@@ -107,10 +143,13 @@ class MEFTConfig:
         method: "meft1" (F = whole pretrained layer + adapter, G = adapter, streams swap),
             "meft2" (F = adapter, G = whole pretrained layer + adapter, streams swap),
             "meft3" (F = attention sub-block + adapter, G = FFN sub-block + adapter, no swap), or
-            "auto" (default): MEFT3, except for a model with parallel-residual layers
-            (x + attn(x) + mlp(x): GPT-J, GPT-NeoX, Falcon), which have no separate sub-blocks for
-            MEFT3's F and G, so MEFT1 (the whole layer as F). The converted model's `meft_config`
-            holds the method used. method="meft3" on such a model is a ConversionError.
+            "auto" (default): chosen per model (`auto_method`; `explain` says which and why): MEFT1 for
+            pre-norm layers with gated FFNs (LLaMA-style decoders) under exact numerics — one scaled
+            stream stores k bits per element per layer where MEFT3 stores 2k — and for parallel-residual
+            layers (x + attn(x) + mlp(x): GPT-J, GPT-NeoX, Falcon), which have no separate sub-blocks for
+            MEFT3's F and G; MEFT3 otherwise: routed experts (Mixtral) and ungated FFNs (GPT-2), whose
+            FFN half runs in chunks of tokens, post-norm layers (BERT-style encoders), float numerics. The converted model's `meft_config`
+            holds the method used. method="meft3" on a parallel-residual model is a ConversionError.
         lam: scale λ on stream 1 (h1_n = λ·h1_{n-1} + F(h2_{n-1})). None = the default for `method`:
             the paper's value with float numerics; with exact numerics 2^-k (or 1 for a stream the method does
             not scale), k = `scale_bits` or, when that is None too, measured at convert time (the fewest stored
@@ -296,17 +335,18 @@ class MEFTConfig:
     def spec(self) -> MethodSpec:
         """The row of the method table for `method` (ValueError for "auto": `resolved` chooses it)."""
         if self.method == AUTO:
-            raise ValueError("MEFTConfig.method='auto' is chosen per model by convert (MEFT3, or MEFT1 for "
-                             "parallel-residual layers); the converted model's meft_config holds the method used. "
+            raise ValueError("MEFTConfig.method='auto' is chosen per model by convert (MEFT1 for pre-norm or "
+                             "parallel-residual layers under exact numerics, else MEFT3); the converted model's "
+                             "meft_config holds the method used. "
                              "Set method='meft1'|'meft2'|'meft3' to ask for one")
         return METHODS[self.method]
 
-    def resolved(self, parallel_layers=()) -> "MEFTConfig":
-        """This config with method "auto" replaced by the method for a model whose parallel-residual
-        layers (module names) are `parallel_layers`: MEFT3 when there are none, else AUTO_PARALLEL.
+    def resolved(self, shape: LayerShape = LayerShape()) -> "MEFTConfig":
+        """This config with method "auto" replaced by `auto_method`'s choice for layers of this shape.
 
         ConversionError when method="meft3" was asked for and there are some.
         """
+        parallel_layers = list(shape.parallel)
         if parallel_layers and self.method == "meft3":
             from .errors import ConversionError
 
@@ -319,7 +359,13 @@ class MEFTConfig:
                 f"whole layer as F or G), or method='auto'")
         if self.method != AUTO:
             return self
-        return replace(self, method=AUTO_PARALLEL if parallel_layers else "meft3")
+        return replace(self, method=auto_method(shape, self.numerics)[0])
+
+    def method_reason(self, shape: LayerShape = LayerShape()) -> str:
+        """Why `resolved(shape)` has its method (shown by `explain`)."""
+        if self.method != AUTO:
+            return f"asked for (MEFTConfig.method={self.method!r})"
+        return "method='auto': " + auto_method(shape, self.numerics)[1]
 
     @property
     def scales(self) -> tuple[float, float, bool]:

@@ -41,6 +41,7 @@ def capture_and_rewrite(module: nn.Module, args, kwargs, config: MEFTConfig, ada
     sizes = gm.meta.get("static_sizes", ())
     result = run_pipeline(gm, config, adapters, progress=progress)
     result.gm.meta["static_sizes"] = sizes
+    result.gm.meta["method_reason"] = result.method_reason
     if not result.analysis.stacks:
         raise ConversionError(f"{what}: no transformer layer to rewrite when capturing {spec.describe()} (looked "
                               f"for residual sub-blocks x + f(x), grouped as attention + FFN)", result.analysis.rejected)
@@ -62,6 +63,7 @@ class ConvertedModule(nn.Module):
     #: How far this module starts from the original (`meft_fx.starting_point.StartingPoint`; set by convert).
     starting_point = None
     stream_choice = None  # the exact streams' width convert chose (meft_fx.stream_width)
+    method_reason = ""  # why convert used its method (MEFTConfig.method_reason; shown by explain)
 
     def __init__(self, original: nn.Module, gm: fx.GraphModule, spec, config: MEFTConfig, adapters: dict,
                  unmatched: list, owner: str, example: tuple | None = None):
@@ -366,9 +368,10 @@ def _convert_owners(target: nn.Module, args, kwargs, config: MEFTConfig, progres
         progress(f"capturing {owner or type(module).__name__} ({type(module).__name__})")
         adapters: dict = {}
         gm, spec, used = capture_and_rewrite(module, a, k, config, adapters, progress, owner or type(module).__name__)
-        if used.method != config.method:
-            progress(f"method 'auto': {used.method}" + (" (parallel-residual layers)" if used.method != "meft3" else ""))
         conv = ConvertedModule(module, gm, spec, used, adapters, rejected, owner, example=(a, k))
+        conv.method_reason = gm.meta["method_reason"]
+        if used.method != config.method:
+            progress(f"method {used.method}: {conv.method_reason}")
         if owner:
             _set_submodule(target, owner, conv)
         else:

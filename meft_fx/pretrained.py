@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["smollm2", "smollm2_config", "smollm2_tokenizer", "minilm", "prose", "chat_prompt", "next_token_stats",
-           "cache_dir", "SMOLLM2_GGUF", "SMOLLM2_NAME"]
+           "answers", "same_answers", "QUESTIONS", "ANSWER_TOKENS", "cache_dir", "SMOLLM2_GGUF", "SMOLLM2_NAME"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -153,3 +153,38 @@ def chat_prompt(tok, question: str) -> torch.Tensor:
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt")
     return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
+#: Short chat questions, asked in one batch: how many greedy answers a conversion leaves unchanged (`answers`).
+QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?", "Who wrote Romeo and Juliet?",
+             "What is 7 times 8?", "Name the largest planet in the solar system.",
+             "What is the boiling point of water in Celsius?", "Translate 'good morning' into Spanish.",
+             "What colour is the sky on a clear day?", "Write a haiku about autumn.",
+             "Give me three tips for better sleep.", "What is photosynthesis?", "Who painted the Mona Lisa?",
+             "What is the chemical symbol for gold?", "How many continents are there?",
+             "Explain what a black hole is in one sentence.", "What language is spoken in Brazil?")
+#: New tokens per answer.
+ANSWER_TOKENS = 16
+
+
+def answers(model, tok, questions=QUESTIONS, max_new_tokens: int = ANSWER_TOKENS) -> torch.Tensor:
+    """The greedy answers (len(questions) × max_new_tokens token ids) of a chat model to `questions`, each a user
+    turn in the chat template, asked in one left-padded batch (eval mode, no gradients, the model's KV cache)."""
+    side, tok.padding_side = tok.padding_side, "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    try:
+        batch = dict(tok(texts, return_tensors="pt", padding=True))
+    finally:
+        tok.padding_side = side
+    with torch.no_grad():
+        out = model.eval().generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def same_answers(got: torch.Tensor, ref: torch.Tensor) -> tuple[int, float]:
+    """(how many rows of `got` equal `ref`'s token for token, the mean number of leading tokens in common)."""
+    n = min(got.shape[1], ref.shape[1])  # generate() stops early when every answer has ended
+    got, ref = got[:, :n], ref[:, :n]
+    prefix = (got == ref).int().cumprod(1).sum(1)
+    return int((prefix == ref.shape[1]).sum()), float(prefix.float().mean())

@@ -20,7 +20,7 @@
 from .analysis.find_residual_units import find_residual_units
 from .analysis.group_layers import group_layers
 from .analysis.records import Layer, ResidualUnit, Stack, StreamAnalysis
-from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, parallel_layers, run_pipeline, snapshot
+from .pipeline import PASS_NAMES, PIPELINE, Pass, PipelineResult, layer_shape, parallel_layers, run_pipeline, snapshot
 from .transforms.build_couplings import build_couplings
 from .transforms.causal_masks import causal_masks
 from .transforms.chunk_head_loss import chunk_head_loss, find_head_losses
@@ -38,5 +38,5 @@ __all__ = [
     "run_pipeline", "snapshot", "hoist_shape_queries", "unrepeat_kv", "dropout_to_modules", "causal_masks",
     "gated_activation", "grouped_experts", "local_sizes", "sliced_ffn",
     "find_residual_units", "group_layers",
-    "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers",
+    "insert_adapters", "build_couplings", "chunk_head_loss", "find_head_losses", "parallel_layers", "layer_shape",
 ]

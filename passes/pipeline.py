@@ -17,6 +17,11 @@ import torch.fx as fx
 from .analysis.find_residual_units import find_residual_units
 from .analysis.group_layers import group_layers
 from .analysis.records import StreamAnalysis
+from meft_fx.config import LayerShape
+from meft_fx.nn.experts import grouped_mm
+from meft_fx.nn.gated import gated_act
+
+from .fx.ops import TOPK_TARGETS
 from .fx.provenance import PROVENANCE_KEY
 from .transforms.build_couplings import build_couplings
 from .transforms.causal_masks import causal_masks
@@ -29,7 +34,7 @@ from .transforms.insert_adapters import insert_adapters
 from .transforms.unrepeat_kv import unrepeat_kv
 
 __all__ = ["Pass", "PIPELINE", "PASS_NAMES", "PipelineState", "PipelineResult", "run_pipeline", "snapshot",
-           "parallel_layers"]
+           "parallel_layers", "layer_shape"]
 
 
 @dataclass
@@ -39,6 +44,7 @@ class PipelineState:
     config: object = None
     adapters: dict = field(default_factory=dict)
     analysis: StreamAnalysis | None = None
+    method_reason: str = ""  # why the config's method (MEFTConfig.method_reason)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class PipelineResult:
     analysis: StreamAnalysis | None
     programs: OrderedDict
     config: object = None   # the config the transforms used (method "auto" resolved for this model)
+    method_reason: str = ""  # why that method (MEFTConfig.method_reason)
 
 
 def snapshot(gm: fx.GraphModule, made_by: str) -> fx.GraphModule:
@@ -115,7 +122,9 @@ def run_pipeline(gm: fx.GraphModule, config=None, adapters: dict | None = None, 
         if p.kind == "analysis":
             state.analysis = out
             if p.name == "group_layers" and state.config is not None:
-                state.config = state.config.resolved(parallel_layers(out))
+                shape = layer_shape(gm, out)
+                state.method_reason = state.config.method_reason(shape)
+                state.config = state.config.resolved(shape)
         else:
             gm = out
             gm.graph.lint()
@@ -123,10 +132,36 @@ def run_pipeline(gm: fx.GraphModule, config=None, adapters: dict | None = None, 
             programs[p.name] = snapshot(gm, p.name)
         if p.name == until or (p.kind == "analysis" and not out.stacks):
             break
-    return PipelineResult(gm, state.analysis, programs, state.config)
+    return PipelineResult(gm, state.analysis, programs, state.config, state.method_reason)
 
 
 def parallel_layers(analysis: StreamAnalysis) -> list:
     """Module names of the parallel-residual layers (x + attn(x) + ffn(x)) of the analysis' stacks."""
     return [layer.module or layer.start for st in analysis.stacks for layer in st.layers
             if any(u.kind == "parallel" for u in layer.units)]
+
+
+def layer_shape(gm: fx.GraphModule, analysis: StreamAnalysis) -> LayerShape:
+    """What method="auto" looks at (`meft_fx.config.LayerShape`) in the layers the analysis found in `gm`."""
+    units = [u for st in analysis.stacks for u in st.units]
+    ffns = [layer.ffn for st in analysis.stacks for layer in st.layers]
+    return LayerShape(parallel=tuple(parallel_layers(analysis)),
+                      pre_norm=bool(units) and not any(u.post_norm for u in units),
+                      routed_experts=any(n.target is grouped_mm or n.target in TOPK_TARGETS for n in gm.graph.nodes),
+                      gated_ffn=bool(ffns) and all(_gated(gm, u) for u in ffns))
+
+
+def _gated(gm: fx.GraphModule, unit) -> bool:
+    """Does the unit's branch run a fused gated activation (`gated_activation`)?"""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    stops = {nodes[unit.start], nodes[unit.entry or unit.start]}
+    seen, frontier = set(), [nodes[unit.add]]
+    while frontier:  # ancestors of the add, down to the unit's start
+        n = frontier.pop()
+        if n.target is gated_act:
+            return True
+        for m in n.all_input_nodes:
+            if m not in stops and m not in seen:
+                seen.add(m)
+                frontier.append(m)
+    return False

@@ -122,6 +122,7 @@ def stored_state(name: str, stack: ReversibleStack, bf16_streams: int | None = N
 class Explanation:
     """Report returned by `meft_fx.explain`. `str()` is a readable table.
 
+    `method`: the method the couplings use; `method_reason`: why convert used it (method="auto" chooses per model).
     `couplings`: one `CouplingInfo` per coupling, bottom to top. `unmatched`: one line per region
     the analysis looked at and did not rewrite, each with the reason (and the pass that decided).
     `chunked`: one line per thing that runs in chunks (a vocabulary head's loss, FFN halves).
@@ -136,6 +137,7 @@ class Explanation:
     couplings: list = field(default_factory=list)
     unmatched: list = field(default_factory=list)
     method: str = ""
+    method_reason: str = ""  # why convert used the method (MEFTConfig.method_reason)
     memory_note: str = ""
     chunked: list = field(default_factory=list)  # lines: what runs in chunks (the head's loss, FFN halves)
     generation: list = field(default_factory=list)  # lines: how generate() runs (with a KV cache or why not)
@@ -171,6 +173,8 @@ class Explanation:
         numerics = sorted({c.numerics for c in self.couplings})
         lines = [f"meft_fx: {len(self.couplings)} reversible coupling(s), method {self.method}, "
                  f"numerics {'/'.join(numerics) or '?'}"]
+        if self.method_reason:
+            lines.append(f"why {self.method}: {self.method_reason}")
         rows = [("#", "layer", "F", "G", "λ", "β", "swap", "saved/token")]
         for c in self.couplings:
             rows.append((str(c.index), self._call_label(c), blocks(c.F, c.layer), blocks(c.G, c.layer), f"{c.lam:g}", f"{c.beta:g}",
@@ -225,6 +229,7 @@ def format_bytes(n) -> str:
 def _add_converted(rep: Explanation, name: str, m: nn.Module) -> None:
     """What a converted module says of itself: regions not rewritten, generation, streams, starting point."""
     rep.unmatched.extend(u for u in m.meft_unmatched if u not in rep.unmatched)
+    rep.method_reason = rep.method_reason or getattr(m, "method_reason", "")
     label = getattr(m, 'owner', '') or name or type(m).__name__
     line = generation_line(m)
     if line:

@@ -13,7 +13,7 @@ import networkx as nx
 import torch.fx as fx
 
 from ..fx.dataflow import data_dag, output_node, region, tensor_shape, topo
-from ..fx.ops import INPLACE_ADD_TARGETS, attention_nodes, is_add, is_random, is_shape_only
+from ..fx.ops import INPLACE_ADD_TARGETS, attention_nodes, is_add, is_layout_only, is_random, is_shape_only
 from ..fx.provenance import common_module, describe, module_parts
 from .records import ResidualUnit, Stack, StreamAnalysis
 
@@ -209,6 +209,8 @@ class _Stream:
         for c in chain:
             body = region(self.dag, self.nodes[c.entry], self.nodes[c.end])
             c.size = len(body)
+            c.post_norm = not all(is_layout_only(n) for n in region(self.dag, self.nodes[c.add], self.nodes[c.end])
+                                  if n is not self.nodes[c.add])
             all_nodes |= body
         return Stack(units=chain, owner=common_module(all_nodes))
 

@@ -21,6 +21,7 @@ class ResidualUnit:
     parts: tuple = ()    # child modules of `module` the branch runs through, in order
     entry: str = ""      # stream state entering the unit (start, or a node before a reshape to start)
     position_wise: str = ""  # "parallel" units: the branch's position-wise term (the FFN's output)
+    post_norm: bool = False  # values change between `add` and `end` (a norm after the add; casts do not count)
 
     def label(self, within: str = "") -> str:
         """`module`, spelled out with its parts when it is the whole layer `within` (pre-norm blocks)."""

@@ -153,6 +153,18 @@ def is_shape_only(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("view", "reshape", "contiguous", "flatten", "clone")
 
 
+TOPK_TARGETS = _targets("topk") | {torch.topk}
+CAST_TARGETS = _targets("to", "_to_copy", "type_as")
+CAST_METHODS = ("to", "type", "type_as", "float", "double", "half", "bfloat16")
+
+
+def is_layout_only(node: fx.Node) -> bool:
+    """Does the node only reshape, copy or cast its input (its values stay the same numbers)?"""
+    if node.op == "call_function" and node.target in CAST_TARGETS:
+        return True
+    return is_shape_only(node) or (node.op == "call_method" and node.target in CAST_METHODS)
+
+
 def is_random(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Does this node draw from the global RNG (dropout and friends)?"""
     if node.op == "call_function":

@@ -31,5 +31,5 @@ def test_the_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README quickstart", "exec"), {})
     out = capsys.readouterr().out
-    assert "starting point" in out and "The capital of France is Paris." in out
+    assert "starting point" in out and "The capital of Japan is Tokyo." in out
     assert 2.2e6 < (tmp_path / "adapters" / "meft_adapters.safetensors").stat().st_size < 2.5e6  # "2.3 MB"

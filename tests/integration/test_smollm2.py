@@ -39,29 +39,44 @@ def answer(model, tok):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_default_conversion_keeps_the_pretrained_starting_point(tok, prose, original_fp32, dtype):
+    """method="auto" on this pre-norm decoder: MEFT1 (one scaled stream), k measured (5 here: x1.017 / 96.2 % in
+    fp32, x1.016 / 96.0 % in bf16, 9 of 16 answers unchanged in both; the paper's couplings at k = 5 keep 0-1)."""
     model, ppl, top1 = original_fp32 if dtype == torch.float32 else (pretrained.smollm2(dtype)[0], None, None)
     if ppl is None:
         ppl, top1 = pretrained.next_token_stats(model, prose)
-    want = answer(model, tok)
-    assert want.startswith("The capital of France is Paris")
+    want = pretrained.answers(model, tok)
     rev = meft_fx.convert(model)
     k = rev.meft_config.scale_bits
-    assert rev.meft_config.method == "meft3" and k is not None and rev.model.starting_point.within
+    assert rev.meft_config.method == "meft1" and k is not None and rev.model.starting_point.within
     got_ppl, got_top1 = pretrained.next_token_stats(rev, prose)
     assert got_ppl <= 1.02 * ppl, (got_ppl, ppl, k)
     assert (got_top1 == top1).float().mean() >= 0.95
-    assert answer(rev, tok) == want
+    same, _ = pretrained.same_answers(pretrained.answers(rev, tok), want)
+    assert same >= 8, same
     text = str(meft_fx.explain(rev, False))
-    assert f"2^-{k} (measured), {2 * k} bits stored per element per layer" in text
+    assert f"2^-{k} (measured), {k} bits stored per element per layer" in text
+    assert "why meft1: method='auto': pre-norm layers with gated FFNs" in text
     # bf16: int32 streams, 14 fractional bits from the measured reach (|x| ≈ 24448, 4× headroom); fp32: int64
     bits = 32 if dtype == torch.bfloat16 else 64
     assert all(st.stream_bits == bits for st in every_stack(rev)) and rev.meft_config.stream_bits == bits
     assert f"int{bits} with {14 if bits == 32 else 32} fractional bits" in text
+    if bits == 32:  # the issue's bar: bf16 stored state at most half of checkpointing's 16 bits per layer
+        assert f"2 top streams × 32 + 30 layers × {k} = {64 + 30 * k} bits" in text and 64 + 30 * k <= 240
     # the paper's couplings at the same scale: the leak of whole streams takes the model far from its start
     for st in every_stack(rev):
         for c in st.couplings:
             c.compensate_f = c.compensate_g = False
-    assert pretrained.next_token_stats(rev, prose)[0] > 1.2 * ppl  # 1.36x here (k = 6)
+    assert pretrained.next_token_stats(rev, prose)[0] > 1.2 * ppl  # 1.33x here (k = 5)
+    assert pretrained.same_answers(pretrained.answers(rev, tok), want)[0] <= 2
+
+
+def test_meft3_keeps_the_answer_to_a_near_tie(tok, original_fp32):
+    """The original answers the France question by 0.08 logits over "L'Étoile, ..."; MEFT3 at its measured k = 6
+    keeps the answer, MEFT1 at k = 5 or 6 does not (docs/real_decoder.md)."""
+    model = original_fp32[0]
+    assert answer(model, tok).startswith("The capital of France is Paris")
+    rev = meft_fx.convert(model, MEFTConfig(method="meft3"))
+    assert rev.meft_config.scale_bits == 6 and answer(rev, tok) == answer(model, tok)
 
 
 @pytest.mark.parametrize("method, extra", [("meft1", {}), ("meft2", {"adapter_init_std": 0.002})])

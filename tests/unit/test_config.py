@@ -1,6 +1,9 @@
+from dataclasses import replace
+
 import pytest
 
 from meft_fx import MEFTConfig
+from meft_fx.config import LayerShape
 
 
 def test_defaults_and_paper_scales():
@@ -73,7 +76,15 @@ def test_method_auto_is_chosen_per_model():
     cfg = MEFTConfig()
     with pytest.raises(ValueError, match="chosen per model by convert"):
         cfg.spec
-    assert cfg.resolved().method == "meft3" and cfg.resolved(["h.0"]).method == "meft1"
-    assert MEFTConfig(method="meft2").resolved(["h.0"]).method == "meft2"
+    parallel, llama = LayerShape(parallel=("h.0",), pre_norm=True), LayerShape(pre_norm=True, gated_ffn=True)
+    assert cfg.resolved().method == "meft3" and cfg.resolved(parallel).method == "meft1"
+    assert cfg.resolved(llama).method == "meft1" and "stores k bits" in cfg.method_reason(llama)
+    for shape, why in ((replace(llama, routed_experts=True), "routed experts"),
+                       (replace(llama, gated_ffn=False), "FFNs without a gate"),
+                       (replace(llama, pre_norm=False), "post-norm layers")):
+        assert cfg.resolved(shape).method == "meft3" and why in cfg.method_reason(shape)
+    assert MEFTConfig(numerics="float").resolved(llama).method == "meft3"
+    assert MEFTConfig(method="meft2").resolved(parallel).method == "meft2"
+    assert MEFTConfig(method="meft3").method_reason(llama) == "asked for (MEFTConfig.method='meft3')"
     with pytest.raises(ConversionError, match="h.0 is a parallel-residual layer.*'meft1' or 'meft2'"):
-        MEFTConfig(method="meft3").resolved(["h.0"])
+        MEFTConfig(method="meft3").resolved(parallel)

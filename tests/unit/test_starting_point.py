@@ -34,10 +34,11 @@ def test_a_causal_lm_is_measured_on_text_it_samples_itself_and_the_chosen_scale_
     assert "sampled" in point.probe and list(point.tried) == [*range(2, point.scale_bits + 1), 12]  # 12: the floor
     assert point.floor == point.tried[12] and point.distance - point.floor <= point.tolerance
     k = rev.meft_config.scale_bits
-    assert k == point.scale_bits and point.stored_bits == 2 * k  # MEFT3: λ and β
-    assert all((c.lam, c.beta) == (2.0 ** -k, 2.0 ** -k) for c in couplings(rev))
+    assert rev.meft_config.method == "meft1"  # method="auto" on a pre-norm decoder with gated FFNs: λ only
+    assert k == point.scale_bits and point.stored_bits == k
+    assert all((c.lam, c.beta) == (2.0 ** -k, 1.0) for c in couplings(rev))
     rev.train()(input_ids=torch.tensor([[1, 5, 6, 7]]), labels=torch.tensor([[1, 5, 6, 7]])).loss.backward()
-    assert all((c.lam, c.beta) == (2.0 ** -k, 2.0 ** -k) for c in couplings(rev))  # a new capture uses it too
+    assert all((c.lam, c.beta) == (2.0 ** -k, 1.0) for c in couplings(rev))  # a new capture uses it too
     text = str(meft_fx.explain(rev, estimate_memory=False))
     assert "starting point" in text and f"2^-{k} (measured)" in text and "KL of next-token distributions" in text
 
@@ -53,7 +54,10 @@ def test_the_search_stops_at_the_first_scale_within_the_tolerance_of_the_floor(m
     point = rev.model.starting_point
     assert rev.meft_config.scale_bits == 4 and point.tried == {2: 0.5, 3: 0.05, 4: 0.0135, 12: 0.004}
     assert point.within and point.floor == 0.004 and point.tolerance == 0.01
-    assert all((c.lam, c.beta) == (2.0 ** -4, 2.0 ** -4) for c in couplings(rev))
+    assert all((c.lam, c.beta) == (2.0 ** -4, 1.0) for c in couplings(rev))  # MEFT1 (method="auto")
+    meft3 = meft_fx.convert(tiny_decoder("Llama"), MEFTConfig(method="meft3"))  # both streams scaled
+    assert meft3.meft_config.scale_bits == 4 and meft3.model.starting_point.stored_bits == 8
+    assert all((c.lam, c.beta) == (2.0 ** -4, 2.0 ** -4) for c in couplings(meft3))
 
 
 def test_a_floor_beyond_the_tolerance_warns_and_names_the_adapters_init(monkeypatch):
