@@ -42,11 +42,15 @@ def section(title: str) -> None:
 def rewritten(rev) -> list[str]:
     """A few lines of `explain`: the method, the first coupling, the starting point."""
     rep = meft_fx.explain(rev, estimate_memory=False)
-    c = rep.couplings[0]
-    halves = [" + ".join(f"{p.split('.')[-1]} [{k}]" for p, k in half) + " + adapter" for half in (c.F, c.G)]
+    c = rep.couplings[-1]  # (the bottom coupling of MEFT1 has no F adapter: nothing trains before it)
+    parts = {name: [f"{p.split('.')[-1]} [{k}]" for p, k in half if k != "adapter"] for name, half in
+             (("F", c.F), ("G", c.G))}  # an adapter alone (MEFT1's G) has no other part
+    halves = [" + ".join(p + ["adapter"] * (bool(c.adapters[name]) or not p)) for name, p in parts.items()]
+    scales = f"λ = β = {c.lam:g}" if c.lam == c.beta else f"λ = {c.lam:g}, β = {c.beta:g}"
     point = next(iter(rep.starting_points.values()))
     return [f"{len(rep.couplings)} layers → {len(rep.couplings)} reversible couplings, method {rep.method}, exact numerics",
-            f"per layer: F = {halves[0]}, G = {halves[1]} (leak-compensated), λ = β = {c.lam:g}",
+            f"why {rep.method}: {rep.method_reason}",
+            f"per layer: F = {halves[0]}, G = {halves[1]}; {scales} (the pretrained half leak-compensated)",
             f"starting point: {point}",
             f"stored per element per layer: {point.stored_bits} bits (gradient checkpointing keeps 32 in fp32, "
             f"16 in bf16)"]

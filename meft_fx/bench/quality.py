@@ -2,6 +2,7 @@
 
     python -m meft_fx.bench --quality [--steps 100] [--batch 8] [--train-size 2000] [--eval-size 300]
                                       [--lrs meft=1e-3,3e-3 lora_qv=3e-4,1e-3 lora_all=3e-4,1e-3] [--out docs/quality]
+                                      [--quality-methods meft]   # re-run some methods, keep --out's other rows
 
 Every method (`meft_fx.bench.finetune.METHODS`: meft_fx's default conversion; PEFT LoRA r = 8 on q/v; on all
 linear layers) trains a fresh copy of the real model on the same batches in the same order (the movie-review
@@ -23,7 +24,7 @@ import torch
 from .. import pretrained
 from . import finetune, tasks
 
-__all__ = ["DEFAULT_LRS", "run_quality", "format_quality", "parse_lrs"]
+__all__ = ["DEFAULT_LRS", "run_quality", "format_quality", "parse_lrs", "merge_rows"]
 
 #: Learning rates tried per method (adapters and LoRA both train best far above full fine-tuning's rates).
 DEFAULT_LRS = {"meft": (1e-3, 3e-3), "lora_qv": (3e-4, 1e-3), "lora_all": (3e-4, 1e-3)}
@@ -65,7 +66,8 @@ def run_quality(*, methods=finetune.METHODS, lrs=None, steps: int = 100, batch: 
             mib = finetune.step_memory(model, first, seed)
             stats = finetune.train(model, task.batch, train_set, steps=steps, batch_size=batch, lr=lr, seed=seed,
                                    desc=f"{method} lr {lr:g}", progress=progress)
-            rows.append({"method": method, "lr": lr, "accuracy": task.accuracy(model, held), "before": before,
+            rows.append({"method": method, "date": time.strftime("%Y-%m-%d"),
+                         "meft_method": getattr(getattr(model, "meft_config", None), "method", None), "lr": lr, "accuracy": task.accuracy(model, held), "before": before,
                          "step_s": stats["step_s"], "activation_mib": mib, "final_loss": stats["losses"][-1],
                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "steps": steps, "batch": batch, "train_size": train_size, "eval_size": eval_size,
@@ -78,8 +80,23 @@ def run_quality(*, methods=finetune.METHODS, lrs=None, steps: int = 100, batch: 
     return rows
 
 
-NAMES = {"meft": "meft_fx default (MEFT3, exact, k measured)", "lora_qv": "LoRA r=8 on q, v",
+NAMES = {"meft": "meft_fx default ({}, exact, k measured)", "lora_qv": "LoRA r=8 on q, v",
          "lora_all": "LoRA r=8 on all linear layers"}
+
+
+def _name(row: dict) -> str:
+    return NAMES.get(row["method"], row["method"]).format((row.get("meft_method") or "MEFT3").upper())
+
+
+def merge_rows(rows: list[dict], out) -> list[dict]:
+    """`rows`, then the rows of other methods in `out`/quality.json (an earlier run), in the order of METHODS."""
+    path = os.path.join(out, "quality.json")
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        earlier = [r for r in json.load(f) if r["method"] not in {r["method"] for r in rows}]
+    order = {m: i for i, m in enumerate(finetune.METHODS)}
+    return sorted(rows + earlier, key=lambda r: order.get(r["method"], len(order)))
 
 
 def format_quality(rows: list[dict]) -> str:
@@ -95,10 +112,13 @@ def format_quality(rows: list[dict]) -> str:
              "| method | best lr | held-out accuracy | trainable | step s | activation MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for m, r in best.items():
-        lines.append(f"| {NAMES.get(m, m)} | {r['lr']:g} | {100 * r['accuracy']:.1f}% | {r['trainable_params']:,} | "
+        lines.append(f"| {_name(r)} | {r['lr']:g} | {100 * r['accuracy']:.1f}% | {r['trainable_params']:,} | "
                      f"{r['step_s']:.2f} | {r['activation_mib']:.1f} |")
     lines += ["", "Every run: " + "; ".join(f"{r['method']} lr {r['lr']:g}: {100 * r['accuracy']:.1f}%" for r in rows)
               + "."]
+    dates = {m: sorted({r.get("date", "before 2026-12-07") for r in rows if r["method"] == m}) for m in best}
+    if len({tuple(d) for d in dates.values()}) > 1:
+        lines += ["", "Run on: " + "; ".join(f"{m} {', '.join(d)}" for m, d in dates.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -728,21 +728,29 @@ def _quality_arguments(p) -> None:
     p.add_argument("--lrs", nargs="*", default=None,
                    help="--quality: METHOD=LR[,LR...] per method (meft, lora_qv, lora_all); default "
                         "meft=1e-3,3e-3 lora_qv=3e-4,1e-3 lora_all=3e-4,1e-3")
+    p.add_argument("--quality-methods", default=None,
+                   help="--quality: comma-separated methods to run (default: meft,lora_qv,lora_all); with --out, the "
+                        "other methods' rows are kept from its quality.json (an earlier run)")
 
 
 def _quality(parser, args) -> list[dict]:
-    from .quality import format_quality, parse_lrs, run_quality, write_quality
+    from .finetune import METHODS
+    from .quality import format_quality, merge_rows, parse_lrs, run_quality, write_quality
 
     try:
         lrs = parse_lrs(args.lrs)
     except ValueError as e:
         parser.error(str(e))
+    methods = tuple(args.quality_methods.split(",")) if args.quality_methods else METHODS
+    if not methods or any(m not in METHODS for m in methods):
+        parser.error(f"--quality-methods {args.quality_methods!r}: comma-separated, each one of {', '.join(METHODS)}")
     for name in ("steps", "batch", "train_size", "eval_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    rows = run_quality(lrs=lrs, steps=args.steps, batch=args.batch, train_size=args.train_size,
+    rows = run_quality(methods=methods, lrs=lrs, steps=args.steps, batch=args.batch, train_size=args.train_size,
                        eval_size=args.eval_size, seed=args.seed, layers=args.layers)
     if args.out is not None:
+        rows = merge_rows(rows, args.out) if methods != METHODS else rows
         write_quality(rows, args.out)
     sys.stdout.write(format_quality(rows))
     return rows

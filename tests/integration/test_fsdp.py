@@ -41,7 +41,9 @@ SENTENCES = ["The movie was a delight from start to finish.", "I would not recom
              "Reversible networks rebuild activations instead of storing them.", "A cat sat on the mat."]
 
 
-def llama(dtype=torch.float64, **config):
+def llama(dtype=torch.float64, method="meft3", **config):
+    """The tiny LLaMA converted, by default with MEFT3 (FFN halves in chunks of tokens); method="auto": MEFT1."""
+    config["method"] = method
     arch = architectures.make("llama", dtype=dtype, num_layers=4)
     torch.manual_seed(0)
     rev = meft_fx.convert(arch.model, meft_fx.MEFTConfig(verbose=False, **config)).eval()
@@ -147,6 +149,11 @@ def _body(rank, out_dir, results):
         results["llama_generated"] = rev.generate(PROMPT, max_new_tokens=5, do_sample=False)
     results["llama_frozen_after_generate"] = frozen_bytes(rev)
 
+    rev, inputs = llama(method="auto", recompute_chunk_bytes=CHUNK_BYTES)  # MEFT1: whole-layer F, sliced FFN
+    meft_fx.shard(rev, mesh)
+    backward_twice(rev, llama_loss, part(inputs, rank))
+    results["llama_auto_grads"] = trainable_grads(rev)
+
     rev, batch = minilm()
     meft_fx.shard(rev, mesh)
     results["minilm_frozen"] = frozen_bytes(rev)
@@ -230,6 +237,16 @@ def test_llama_gradients_equal_one_process(ranks):
     losses = [res[r]["llama_loss"] for r in range(WORLD)]
     with torch.no_grad():
         assert all(torch.equal(losses[r], llama_loss(rev, part(inputs, r))) for r in range(WORLD))
+
+
+def test_the_default_method_on_llama_gives_the_gradients_of_one_process(ranks):
+    """method="auto" is MEFT1 on LLaMA: each whole-layer F a unit, its FFN in slices of its intermediate width."""
+    res, _ = ranks
+    rev, inputs = llama(method="auto", recompute_chunk_bytes=CHUNK_BYTES)
+    assert rev.meft_config.method == "meft1" and len(halves(rev)) == 8
+    ref = reference_grads(rev, llama_loss, inputs)
+    for r in range(WORLD):
+        assert_grads(res[r]["llama_auto_grads"], ref, f"MEFT1 rank {r}", 1e-12)
 
 
 def test_llama_training_saving_and_generation_match_one_process(ranks):

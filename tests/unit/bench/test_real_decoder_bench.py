@@ -59,8 +59,16 @@ def test_the_quality_bench_from_the_command_line(tmp_path, capsys):
         assert 0 <= r["accuracy"] <= 1 and r["step_s"] > 0 and r["activation_mib"] > 0 and r["trainable_params"] > 0
     text = (tmp_path / "quality.md").read_text()
     assert "| LoRA r=8 on q, v | 0.001 |" in text and (tmp_path / "quality.json").is_file()
+    assert "| meft_fx default (MEFT1, exact, k measured) | 0.001 |" in text  # what "auto" chose for this decoder
+    assert rows[0]["meft_method"] == "meft1" and rows[1]["meft_method"] is None
     assert "held-out accuracy" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        bench.main(["--quality", "--lrs", "sgd=1"])
+    # one method again: the others' rows are kept from the folder's earlier run
+    again = bench.main(["--quality", "--quality-methods", "meft", "--layers", "2", "--steps", "1", "--batch", "2",
+                        "--train-size", "8", "--eval-size", "4", "--lrs", "meft=3e-3", "--out", str(tmp_path)])
+    assert [(r["method"], r["lr"]) for r in again] == [("meft", 3e-3), ("lora_qv", 1e-3), ("lora_all", 1e-3)]
+    assert again[1:] == rows[1:] and "meft lr 0.003" in (tmp_path / "quality.md").read_text()
+    for bad in (["--lrs", "sgd=1"], ["--quality-methods", "meft,sgd"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--quality", *bad])
     assert quality.parse_lrs(["meft=1e-3,3e-3"]) == {"meft": (1e-3, 3e-3)}
     assert torch.get_num_threads() >= 1
