@@ -226,7 +226,8 @@ def start_table(ks):
 
 
 def default_table():
-    """The README's table: SmolLM2's default conversion in fp32 and bf16, and the paper's couplings at its scale."""
+    """The README's table: SmolLM2's default conversion in fp32 and bf16, the paper's couplings at its scale, and
+    MEFT3 (what method="auto" does not pick for this decoder) at the scale convert measures for it."""
     print("| conversion | k (bits per element per layer) | perplexity ÷ original | top-1 next token = original's | "
           f"{len(pretrained.QUESTIONS)} questions: answer = original's (common prefix) | \"What is the capital of France?\" |")
     print("|---|---:|---:|---:|---:|---|")
@@ -234,15 +235,21 @@ def default_table():
         model, tok = pretrained.smollm2(dtype)
         _, measure = _smollm2_measure(model, tok)
         same_answers = _answers_measure(model, tok)
-        torch.manual_seed(0)
-        conv = meft_fx.convert(model, MEFTConfig(verbose=False))
-        cm = next(m for m in conv.modules() if isinstance(m, ConvertedModule))
-        k, name = cm.starting_point.scale_bits, str(dtype).replace("torch.", "")
-        print(f"| default, {name} | {k} ({cm.starting_point.stored_bits}) | {measure(conv).replace(' / ', ' | ')} | "
-              f"{same_answers(conv)} | {_answer(model, tok)} → {_answer(conv, tok)} |", flush=True)
-        _set_couplings(cm, k, False)
-        print(f"| the paper's couplings at the same scale, {name} | {k} | {measure(conv).replace(' / ', ' | ')} | "
-              f"{same_answers(conv)} | {_answer(conv, tok)} |", flush=True)
+        name = str(dtype).replace("torch.", "")
+        for method in ("auto", "meft3"):
+            torch.manual_seed(0)
+            conv = meft_fx.convert(model, MEFTConfig(method=method, verbose=False))
+            cm = next(m for m in conv.modules() if isinstance(m, ConvertedModule))
+            k = cm.starting_point.scale_bits
+            label = f"default ({cm.config.method.upper()})" if method == "auto" else f'`method="{method}"`'
+            print(f"| {label}, {name} | {k} ({cm.starting_point.stored_bits}) | "
+                  f"{measure(conv).replace(' / ', ' | ')} | {same_answers(conv)} | {_answer(model, tok)} → "
+                  f"{_answer(conv, tok)} |", flush=True)
+            if method == "auto":
+                _set_couplings(cm, k, False)
+                print(f"| the paper's couplings at the same scale, {name} | {k} | "
+                      f"{measure(conv).replace(' / ', ' | ')} | {same_answers(conv)} | {_answer(conv, tok)} |",
+                      flush=True)
     print(f"\nSmolLM2-135M-Instruct, eval mode; perplexity on meft_fx/data/prose.txt; answers greedy with the KV cache: "
           f"{len(pretrained.QUESTIONS)} questions in one left-padded batch, {pretrained.ANSWER_TOKENS} new tokens each (how many answers are "
           f"the original's token for token, and the mean number of leading tokens in common), and the France question "

@@ -116,7 +116,7 @@ def format_quality(rows: list[dict]) -> str:
                      f"{r['step_s']:.2f} | {r['activation_mib']:.1f} |")
     lines += ["", "Every run: " + "; ".join(f"{r['method']} lr {r['lr']:g}: {100 * r['accuracy']:.1f}%" for r in rows)
               + "."]
-    dates = {m: sorted({r.get("date", "before 2026-12-07") for r in rows if r["method"] == m}) for m in best}
+    dates = {m: sorted({r.get("date", "an earlier run") for r in rows if r["method"] == m}) for m in best}
     if len({tuple(d) for d in dates.values()}) > 1:
         lines += ["", "Run on: " + "; ".join(f"{m} {', '.join(d)}" for m, d in dates.items()) + "."]
     return "\n".join(lines) + "\n"
