@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="PATH_OR_NAME", help="local transformers model folder, or a transformers model class name")
     q.add_argument("--method", choices=("auto", "meft1", "meft2", "meft3"), default="auto",
                    help="MEFT1: F = whole layer, G = adapter; MEFT2: the reverse; MEFT3: F = attention, G = FFN; "
-                        "auto (default): MEFT3, or MEFT1 for parallel-residual layers")
+                        "auto (default): MEFT1 for parallel-residual layers and for pre-norm layers with gated FFNs, "
+                        "else MEFT3 (explain's second line says why)")
     q.add_argument("--lam", type=float, default=None, help="λ (scale on stream 1); default: the paper's value for the method")
     q.add_argument("--beta", type=float, default=None, help="β (scale on stream 2); default: the paper's value for the method")
     q.add_argument("--layers", type=int, default=2, help="layers of the tiny config when PATH_OR_NAME is a class name (default 2)")

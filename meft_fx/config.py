@@ -69,8 +69,9 @@ EXACT_DEFAULT_K = 4
 #: The scales (k of 2^-k) the starting-point measurement tries, fewest stored bits first.
 SCALE_BITS_SEARCH = tuple(range(2, 13))
 #: `MEFTConfig.start_tolerance=None`: the tolerance per measure of the starting point. KL 0.01 nats: on SmolLM2-135M
-#: (30 layers) k = 5 measures 0.015 and keeps 95.0-96.3 % of the original's top-1 next tokens on prose, depending on
-#: the adapters' random init; k = 6 measures 0.005 and keeps 96-97 %. 1 − cosine 0.02: MiniLM's MEFT3 at k = 4 (0.014).
+#: (30 layers) MEFT3 at k = 5 measures 0.015 and keeps 95.0-96.3 % of the original's top-1 next tokens on prose,
+#: depending on the adapters' random init; at k = 6 0.005 and 96-97 %; MEFT1 (the default there) at k = 5 0.0092 and
+#: 96.2 %. 1 − cosine 0.02: MiniLM's MEFT3 at k = 4 (0.014).
 DEFAULT_START_TOLERANCE = {"kl": 0.01, "cosine": 0.02}
 #: `MEFTConfig.recompute_chunk_bytes` default: 3 MiB of a position-wise block's widest activation per chunk.
 #: Every chunk re-reads the block's weights and runs smaller matrix products, so fewer chunks are faster: on the
@@ -148,8 +149,9 @@ class MEFTConfig:
             stream stores k bits per element per layer where MEFT3 stores 2k — and for parallel-residual
             layers (x + attn(x) + mlp(x): GPT-J, GPT-NeoX, Falcon), which have no separate sub-blocks for
             MEFT3's F and G; MEFT3 otherwise: routed experts (Mixtral) and ungated FFNs (GPT-2), whose
-            FFN half runs in chunks of tokens, post-norm layers (BERT-style encoders), float numerics. The converted model's `meft_config`
-            holds the method used. method="meft3" on a parallel-residual model is a ConversionError.
+            FFN half runs in chunks of tokens, post-norm layers (BERT-style encoders), float numerics.
+            The converted model's `meft_config` holds the method used. method="meft3" on a
+            parallel-residual model is a ConversionError.
         lam: scale λ on stream 1 (h1_n = λ·h1_{n-1} + F(h2_{n-1})). None = the default for `method`:
             the paper's value with float numerics; with exact numerics 2^-k (or 1 for a stream the method does
             not scale), k = `scale_bits` or, when that is None too, measured at convert time (the fewest stored
@@ -335,9 +337,9 @@ class MEFTConfig:
     def spec(self) -> MethodSpec:
         """The row of the method table for `method` (ValueError for "auto": `resolved` chooses it)."""
         if self.method == AUTO:
-            raise ValueError("MEFTConfig.method='auto' is chosen per model by convert (MEFT1 for pre-norm or "
-                             "parallel-residual layers under exact numerics, else MEFT3); the converted model's "
-                             "meft_config holds the method used. "
+            raise ValueError("MEFTConfig.method='auto' is chosen per model by convert (MEFT1 for parallel-residual "
+                             "layers and for pre-norm layers with gated FFNs under exact numerics, else MEFT3: "
+                             "meft_fx.config.auto_method); the converted model's meft_config holds the method used. "
                              "Set method='meft1'|'meft2'|'meft3' to ask for one")
         return METHODS[self.method]
 

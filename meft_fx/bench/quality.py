@@ -66,8 +66,9 @@ def run_quality(*, methods=finetune.METHODS, lrs=None, steps: int = 100, batch: 
             mib = finetune.step_memory(model, first, seed)
             stats = finetune.train(model, task.batch, train_set, steps=steps, batch_size=batch, lr=lr, seed=seed,
                                    desc=f"{method} lr {lr:g}", progress=progress)
-            rows.append({"method": method, "date": time.strftime("%Y-%m-%d"),
-                         "meft_method": getattr(getattr(model, "meft_config", None), "method", None), "lr": lr, "accuracy": task.accuracy(model, held), "before": before,
+            used = getattr(getattr(model, "meft_config", None), "method", None)  # what method="auto" chose
+            rows.append({"method": method, "date": time.strftime("%Y-%m-%d"), "meft_method": used, "lr": lr,
+                         "accuracy": task.accuracy(model, held), "before": before,
                          "step_s": stats["step_s"], "activation_mib": mib, "final_loss": stats["losses"][-1],
                          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "steps": steps, "batch": batch, "train_size": train_size, "eval_size": eval_size,
