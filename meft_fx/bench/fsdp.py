@@ -21,7 +21,7 @@ from .models import BenchModel
 
 __all__ = ["run_fsdp", "format_fsdp", "FSDP_METHODS"]
 
-FSDP_METHODS = ("lora_ckpt_chunked", "meft3_exact")
+FSDP_METHODS = ("lora_ckpt_chunked", "meft1_exact", "meft3_exact")  # meft1: the default on SmolLM2
 WORLD = 2
 
 
