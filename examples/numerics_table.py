@@ -235,7 +235,7 @@ def default_table():
         model, tok = pretrained.smollm2(dtype)
         _, measure = _smollm2_measure(model, tok)
         same_answers = _answers_measure(model, tok)
-        name = str(dtype).replace("torch.", "")
+        name, original = str(dtype).replace("torch.", ""), _answer(model, tok)
         for method in ("auto", "meft3"):
             torch.manual_seed(0)
             conv = meft_fx.convert(model, MEFTConfig(method=method, verbose=False))
@@ -243,7 +243,7 @@ def default_table():
             k = cm.starting_point.scale_bits
             label = f"default ({cm.config.method.upper()})" if method == "auto" else f'`method="{method}"`'
             print(f"| {label}, {name} | {k} ({cm.starting_point.stored_bits}) | "
-                  f"{measure(conv).replace(' / ', ' | ')} | {same_answers(conv)} | {_answer(model, tok)} → "
+                  f"{measure(conv).replace(' / ', ' | ')} | {same_answers(conv)} | {original} → "
                   f"{_answer(conv, tok)} |", flush=True)
             if method == "auto":
                 _set_couplings(cm, k, False)

@@ -21,6 +21,7 @@ from meft_fx.config import LayerShape
 from meft_fx.nn.experts import grouped_mm
 from meft_fx.nn.gated import gated_act
 
+from .fx.dataflow import data_dag, region
 from .fx.ops import TOPK_TARGETS
 from .fx.provenance import PROVENANCE_KEY
 from .transforms.build_couplings import build_couplings
@@ -145,23 +146,9 @@ def layer_shape(gm: fx.GraphModule, analysis: StreamAnalysis) -> LayerShape:
     """What method="auto" looks at (`meft_fx.config.LayerShape`) in the layers the analysis found in `gm`."""
     units = [u for st in analysis.stacks for u in st.units]
     ffns = [layer.ffn for st in analysis.stacks for layer in st.layers]
+    dag, nodes = data_dag(gm), {n.name: n for n in gm.graph.nodes}
     return LayerShape(parallel=tuple(parallel_layers(analysis)),
                       pre_norm=bool(units) and not any(u.post_norm for u in units),
                       routed_experts=any(n.target is grouped_mm or n.target in TOPK_TARGETS for n in gm.graph.nodes),
-                      gated_ffn=bool(ffns) and all(_gated(gm, u) for u in ffns))
-
-
-def _gated(gm: fx.GraphModule, unit) -> bool:
-    """Does the unit's branch run a fused gated activation (`gated_activation`)?"""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    stops = {nodes[unit.start], nodes[unit.entry or unit.start]}
-    seen, frontier = set(), [nodes[unit.add]]
-    while frontier:  # ancestors of the add, down to the unit's start
-        n = frontier.pop()
-        if n.target is gated_act:
-            return True
-        for m in n.all_input_nodes:
-            if m not in stops and m not in seen:
-                seen.add(m)
-                frontier.append(m)
-    return False
+                      gated_ffn=bool(ffns) and all(any(n.target is gated_act for n in region(
+                          dag, nodes[u.entry or u.start], nodes[u.add])) for u in ffns))
